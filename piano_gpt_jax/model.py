@@ -1,8 +1,9 @@
 """The piano GPT in Flax linen, numerically twinned with the PyTorch reference (nanoGPT variant).
 
 The parameter tree mirrors the reference state_dict so conversion is a rename plus a transpose of
-Linear weights: `wte`, `wpe`, optional `wmte`, `h_{i}/{ln_1,attn/{c_attn,c_proj},ln_2,mlp/{c_fc,c_proj}}`,
-`ln_f`. The output head is tied to `wte` (logits = x @ wte.T), as in the reference.
+Linear weights: `wte`, `wpe`, optional `wmte`,
+`h_{i}/{ln_1,attn/{c_attn,c_proj},ln_2,mlp/{c_fc,c_proj}}`, `ln_f`. The output head is tied to
+`wte` (logits = x @ wte.T), as in the reference.
 
 Shapes carry their axes in their names: B batch, T time, S cache length, C = n_embd, H heads,
 D head dim, V vocab.
@@ -103,8 +104,8 @@ class CausalSelfAttention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            # Write this chunk at [start, start+T) of the fixed-size cache; attend over the cache with
-            # a mask that lets query position p see keys at positions <= p.
+            # Write this chunk at [start, start+T) of the fixed-size cache; attend over the cache
+            # with a mask that lets query position p see keys at positions <= p.
             k_cache_BxSxHxD, v_cache_BxSxHxD = cache
             k_cache_BxSxHxD = jax.lax.dynamic_update_slice(
                 k_cache_BxSxHxD, k_BxTxHxD.astype(k_cache_BxSxHxD.dtype), (0, start, 0, 0))
@@ -116,10 +117,13 @@ class CausalSelfAttention(nn.Module):
             mask_TxS = jnp.arange(S)[None, :] <= q_pos_T[:, None]
             y_BxTxHxD = _attention(q_BxTxHxD, k_cache_BxSxHxD.astype(q_BxTxHxD.dtype),
                                    v_cache_BxSxHxD.astype(q_BxTxHxD.dtype), mask_TxS)
-        elif use_dropout:
+        elif use_dropout or cfg.dtype == "float16":
+            # float16 also takes this path: XLA:CPU rejects dot_product_attention's f16 x f16 -> f32
+            # dot under jit, and a float32 softmax is the safer choice for float16 anyway.
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+            drop = lambda p: nn.Dropout(cfg.dropout)(p, deterministic=False)
             y_BxTxHxD = _attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, mask_TxT,
-                                   dropout=lambda p: nn.Dropout(cfg.dropout)(p, deterministic=False))
+                                   dropout=drop if use_dropout else None)
         else:
             y_BxTxHxD = jax.nn.dot_product_attention(
                 q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, is_causal=True)

@@ -1,0 +1,186 @@
+"""Training-step throughput: our jitted step vs the PyTorch twin's eager step, in one process.
+
+  python benchmarks/train_step.py            # CPU: float32, same model/batch for both; prints
+                                             # tokens/s, the ratio, and gather vs one-hot embeddings
+  python benchmarks/train_step.py --gpu      # accelerator: gpt2 (124M-class) at context 2048 in
+                                             # bfloat16; prints tokens/s and MFU
+
+Both sides run a full step: forward, token-mean cross-entropy, backward, grad clipping and AdamW
+(torch: fused=False on CPU, eager, no torch.compile - the reference's CPU path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ for --gpu
+
+
+def _batch(vocab: int, batch: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(1, vocab, (batch, T + 1)).astype(np.int32)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:],
+            "loss_mask": np.ones((batch, T), np.int32)}
+
+
+def _opt_settings(max_iters: int = 10_000):
+    from piano_gpt_jax.config import OptimSettings
+
+    return OptimSettings(gradient_accumulation_steps=1, max_iters=max_iters, weight_decay=0.1,
+                         grad_clip=1.0, beta1=0.9, beta2=0.95, learning_rate=3e-4, min_lr=3e-5,
+                         warmup_iters=10, decay_lr=True, lr_decay_iters=max_iters)
+
+
+def time_jax_step(model_config, batch_np, n_steps: int, dtype: str = "float32") -> float:
+    """Seconds per step of our jitted train step (after compilation), data-parallel over devices."""
+    from piano_gpt_jax.model import init_params
+    from piano_gpt_jax.optim import make_optimizer
+    from piano_gpt_jax.train_step import (
+        Precision,
+        compile_steps,
+        init_train_state,
+        make_eval_step,
+        make_mesh,
+        make_train_step,
+        replicate,
+        shard_batch,
+    )
+
+    mesh = make_mesh()
+    tx = make_optimizer(_opt_settings())
+    precision = Precision(dtype)
+    train, _ = compile_steps(make_train_step(model_config, tx, precision),
+                             make_eval_step(model_config), mesh)
+    state = replicate(init_train_state(init_params(model_config, jax.random.PRNGKey(0)), tx, 0,
+                                       precision), mesh)
+    batch = shard_batch(batch_np, mesh)
+    for _ in range(2):  # compile + warm up
+        state, m = train(state, batch)
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        state, m = train(state, batch)
+    jax.block_until_ready(m["loss"])
+    return (time.perf_counter() - t0) / n_steps
+
+
+def time_torch_step(model_config, batch_np, n_steps: int) -> float:
+    """Seconds per step of the PyTorch twin, eager, float32, on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    from converters import TorchGPT
+
+    torch.manual_seed(0)
+    model = TorchGPT(model_config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    x = torch.from_numpy(batch_np["tokens"]).long()
+    y = torch.from_numpy(batch_np["targets"]).long()
+
+    def step():
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    return (time.perf_counter() - t0) / n_steps
+
+
+def cpu_mode(args) -> None:
+    import torch
+
+    from piano_gpt_jax.model import ModelConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = ModelConfig(vocab_size=args.vocab, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, context_size=args.context)
+    batch = _batch(args.vocab, args.batch, args.context)
+    tokens = args.batch * args.context
+    print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, batch "
+          f"{args.batch} x {args.context} tokens, float32, {os.cpu_count()} CPU threads, "
+          f"{args.steps} timed steps")
+    results = {}
+    for name, one_hot in (("jax gather", False), ("jax one-hot", True)):
+        cfg = dataclasses.replace(base, one_hot_embedding=one_hot)
+        results[name] = time_jax_step(cfg, batch, args.steps)
+    results["torch eager"] = time_torch_step(base, batch, args.steps)
+    for name, dt in results.items():
+        print(f"  {name:<12} {1000 * dt:8.1f} ms/step {tokens / dt:10,.0f} tokens/s")
+    best_jax = min(results["jax gather"], results["jax one-hot"])
+    print(f"ratio jax/torch tokens/s: gather {results['torch eager'] / results['jax gather']:.2f}"
+          f", one-hot {results['torch eager'] / results['jax one-hot']:.2f} "
+          f"(best {results['torch eager'] / best_jax:.2f}); faster embedding on this CPU: "
+          f"{'one-hot' if results['jax one-hot'] < results['jax gather'] else 'gather'}")
+
+
+def gpu_mode(args) -> None:
+    from configs.piano import MODEL_PRESETS
+    from piano_gpt_jax.model import ModelConfig, count_params, init_params
+    from piano_gpt_jax.run_log import flops_per_token, mfu
+
+    n_layer, n_head, n_embd = MODEL_PRESETS[args.gpu_preset]
+    T = args.gpu_context
+    cfg = ModelConfig(vocab_size=2265, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      context_size=T, dtype="bfloat16")
+    n_dev = jax.device_count()
+    batch = _batch(cfg.vocab_size, args.gpu_batch * n_dev, T)
+    n_params = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))),
+                            include_position=False)
+    kind = jax.devices()[0].device_kind
+    for one_hot in (False, True):
+        c = dataclasses.replace(cfg, one_hot_embedding=one_hot)
+        dt = time_jax_step(c, batch, args.steps, dtype="bfloat16")
+        tps = batch["tokens"].size / dt
+        f = flops_per_token(n_params, n_layer, n_head, cfg.head_dim, T)
+        m = mfu(tps, f, kind, n_dev)
+        mfu_text = "n/a (unknown peak)" if m is None else f"{100 * m:.1f}%"
+        print(f"{args.gpu_preset} {n_params / 1e6:.1f}M, {n_dev} x {kind}, "
+              f"batch {batch['tokens'].shape}, bf16, {'one-hot' if one_hot else 'gather'}: "
+              f"{1000 * dt:.0f} ms/step, "
+              f"{tps:,.0f} tokens/s, MFU {mfu_text}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="accelerator mode (gpt2 preset, bf16)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=2265)
+    p.add_argument("--gpu-batch", type=int, default=8, help="sequences per device (--gpu)")
+    p.add_argument("--gpu-preset", default="gpt2",
+                   help="model preset of configs/piano.py (--gpu)")
+    p.add_argument("--gpu-context", type=int, default=2048, help="context size (--gpu)")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    if args.gpu:
+        gpu_mode(args)
+    else:
+        jax.config.update("jax_platforms", "cpu")
+        cpu_mode(args)
+
+
+if __name__ == "__main__":
+    main()

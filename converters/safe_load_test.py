@@ -1,0 +1,165 @@
+"""Reference checkpoints load without running their pickle; malicious ones are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from converters import CheckpointError, load_torch_checkpoint
+from converters.conftest import tiny_config
+from converters.safe_load import load_checkpoint_dict, to_plain, torch_load_restricted
+from converters.torch_model import TorchGPT
+from piano_gpt_jax.model import forward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _logit_diff(path: Path, model: TorchGPT) -> float:
+    ck = load_torch_checkpoint(path)
+    cfg = ck.model_config
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_size), generator=g)
+    steps = torch.randint(0, 300, (2, cfg.context_size), generator=g) \
+        if cfg.use_time_embedding else None
+    with torch.no_grad():
+        ref = model.eval()(idx, steps).numpy()
+    ours = np.asarray(forward(cfg, ck.params, jnp.asarray(idx.numpy()),
+                              None if steps is None else jnp.asarray(steps.numpy())))
+    return float(np.abs(ours - ref).max())
+
+
+@pytest.mark.parametrize("bias,time", [(False, False), (True, True)])
+def test_reference_checkpoint_loads_and_matches(reference_checkpoint, bias, time):
+    path, model = reference_checkpoint(bias=bias, time=time)
+    ck = load_torch_checkpoint(path)
+    cfg = ck.model_config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.use_time_embedding) == \
+        (2, 2, 16, bias, time)
+    assert cfg.vocab_size == 61 and cfg.context_size == 24  # inferred / interpolation resolved
+    meta = ck.metadata
+    assert meta["iteration"] == 501 and ck.step == 501 and meta["total_tokens"] == 123456
+    assert meta["run_name"] == "0M-pretraining-test" and meta["val_loss"] == 4.5
+    assert meta["run_config"]["model"]["context_size"] == 24
+    assert meta["run_config"]["run_name_suffix"] == "pretraining-${now:%Y-%m-%d-%H-%M}"
+    assert meta["run_config"]["dataset"]["augmentation"]["speed_change_factors"] == [0.95, 1.05]
+    assert len(ck.tokenizer_desc["parameters"]["vocab"]) == 61
+    json.dumps(meta)
+    assert _logit_diff(path, model) < 1e-5
+
+
+def test_legacy_checkpoint_loads(reference_checkpoint):
+    path, model = reference_checkpoint(bias=False, time=False, layout="legacy")
+    ck = load_torch_checkpoint(path)
+    assert ck.metadata["source_layout"] == "legacy"
+    assert ck.step == 2000 and ck.metadata["best_val_loss"] == 3.5
+    assert ck.metadata["train_loss"] == 3.25 and ck.metadata["run_name"] == "legacy-run"
+    assert ck.metadata["wandb_id"] == "abc"
+    assert _logit_diff(path, model) < 1e-5
+
+
+def test_unresolvable_context_size_is_inferred_from_wpe(tmp_path):
+    from omegaconf import OmegaConf
+
+    model = TorchGPT(tiny_config())
+    cfg = OmegaConf.create({"n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0,
+                            "bias": False, "context_size": "${training.context_size}"})
+    torch.save({"model": model.state_dict(), "model_cfg": cfg}, tmp_path / "x.pt")
+    assert load_torch_checkpoint(tmp_path / "x.pt").model_config.context_size == 24
+
+
+def test_interpolations_relative_embedded_and_lists(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"a": {"b": 3, "c": "${.b}", "d": "x-${a.b}-${now:%Y}",
+                                  "e": "${..top}", "f": ["${a.b}", 2], "g": "${missing.key}"},
+                            "top": "t", "h": "id-${a.b}"})
+    torch.save({"cfg": cfg}, tmp_path / "c.pt")
+    plain = to_plain(torch_load_restricted(tmp_path / "c.pt")["cfg"])
+    assert plain == {"a": {"b": 3, "c": 3, "d": "x-${a.b}-${now:%Y}", "e": "t", "f": [3, 2],
+                           "g": "${missing.key}"}, "top": "t", "h": "id-3"}
+
+
+def test_loads_without_omegaconf_installed(reference_checkpoint):
+    path, model = reference_checkpoint(bias=True, time=True)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["omegaconf"] = None  # any import of omegaconf now fails
+        from converters import load_torch_checkpoint
+        ck = load_torch_checkpoint({str(path)!r})
+        assert "omegaconf" not in [m for m, v in sys.modules.items() if v is not None]
+        print(ck.model_config.context_size, ck.model_config.bias, ck.step,
+              ck.metadata["run_config"]["model"]["context_size"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["24", "True", "501", "24"]
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _ExecPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [_Payload, _ExecPayload])
+def test_malicious_checkpoint_is_refused_and_payload_never_runs(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    model = TorchGPT(tiny_config())
+    path = tmp_path / "evil.pt"
+    torch.save({"model": model.state_dict(), "extra": payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused to load.*Nothing from it was executed"):
+        load_torch_checkpoint(path)
+    assert not marker.exists()
+    # Sanity: the same file really would run its payload under an unrestricted load.
+    with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        assert b"system" in z.read(name) or b"exec" in z.read(name)
+
+
+def test_unlisted_class_is_refused(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {}, "x": pickle.PickleError("boom")}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint_dict(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", None])
+def test_truncated_or_non_zip_files_are_refused(tmp_path, reference_checkpoint, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a real checkpoint cut in half
+        good, _ = reference_checkpoint()
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="truncated|corrupt|not a PyTorch zip"):
+        load_torch_checkpoint(path)
+
+
+def test_missing_path_and_directory_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_torch_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_torch_checkpoint(tmp_path)

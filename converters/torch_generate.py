@@ -1,0 +1,113 @@
+"""Sample from an exported (or reference) `.pt` with the PyTorch twin: proof that our checkpoints
+serve PyTorch users without JAX in the decoding path.
+
+    python -m converters.torch_generate --checkpoint OUT.pt --out OUT_DIR
+        (--prompt-midi FILE | --prompt-dataset SPLIT:INDEX) [--task NAME] [--temperature T] ...
+
+Same options and outputs as `python -m piano_gpt_jax.generate`. Decoding is the reference's way
+(a full forward pass over the visible window for every token, no cache), with the same window
+rule, time steps and filters as the JAX sampler, so greedy decoding gives the same tokens.
+The checkpoint is read with the restricted loader (no arbitrary unpickling).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters.state_dict import params_to_state_dict
+from converters.torch_checkpoint import load_torch_checkpoint
+from converters.torch_model import TorchGPT
+from piano_gpt_jax import sampling
+from piano_gpt_jax.generate import GenerateError, build_parser, print_summary, run
+
+
+def filter_logits(logits_V: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """top-k, then nucleus, then min-p, with the JAX sampler's tie and threshold rules."""
+    logits_V = logits_V.clone()
+    if top_k > 0:
+        kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
+        logits_V[logits_V < kth] = -float("inf")
+    probs_V = torch.softmax(logits_V, dim=-1)
+    if top_p < 1.0:
+        sorted_p, _ = torch.sort(probs_V, descending=True)
+        before = torch.cumsum(sorted_p, 0) - sorted_p
+        threshold = sorted_p[before < top_p].min()
+        logits_V[probs_V < threshold] = -float("inf")
+    if min_p > 0.0:
+        logits_V[probs_V < min_p * probs_V.max()] = -float("inf")
+    return logits_V
+
+
+def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
+                   settings: sampling.SamplingSettings,
+                   tables: sampling.TokenTables) -> sampling.GenerationResult:
+    """Decode each prompt (one row at a time) with a full forward pass per token."""
+    ctx = model.config.context_size
+    keep = settings.window_keep or max(1, ctx // 2)
+    stop_id = tables.stop_id if settings.stop_at_eos else -1
+    gen = torch.Generator().manual_seed(settings.seed)
+    new_tokens, stopped = [], []
+    t0 = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for prompt in prompts:
+            hist = [int(t) for t in prompt]
+            steps, counter = sampling.prompt_time_steps(tables, np.asarray(hist))
+            steps = [int(s) for s in steps]
+            offset = max(0, len(hist) - ctx)
+            new: list[int] = []
+            while len(new) < settings.max_new_tokens:
+                idx = torch.tensor([hist[offset:]], dtype=torch.long)
+                st = torch.tensor([steps[offset:]], dtype=torch.long)
+                logits = model(idx, st if model.config.use_time_embedding else None)[0, -1]
+                if settings.temperature == 0:
+                    tok = int(torch.argmax(logits))
+                else:
+                    filtered = filter_logits(logits.float() / settings.temperature,
+                                             settings.top_k, settings.top_p, settings.min_p)
+                    tok = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen))
+                counter = 1 if tables.is_restart[tok] else counter + int(tables.time_increment[tok])
+                hist.append(tok)
+                steps.append(counter if tables.is_music[tok] else 0)
+                new.append(tok)
+                if tok == stop_id:
+                    break
+                if len(hist) - offset > ctx:
+                    offset = len(hist) - keep
+            new_tokens.append(np.asarray(new, np.int32))
+            stopped.append(bool(new) and new[-1] == stop_id)
+    return sampling.GenerationResult(new_tokens, np.array(stopped), time.perf_counter() - t0, 0.0)
+
+
+def _load(path: str):
+    if not Path(path).is_file() or Path(path).suffix != ".pt":
+        raise ValueError(f"{path} is not a .pt file; export one with python -m "
+                         "converters.jax_to_torch, or use python -m piano_gpt_jax.generate for "
+                         "checkpoint directories")
+    return load_torch_checkpoint(path)
+
+
+def torch_sampler(ck, prompts, settings, tables) -> sampling.GenerationResult:
+    model = TorchGPT(ck.model_config)
+    model.load_state_dict(params_to_state_dict(ck.model_config, ck.params))
+    return torch_generate(model, prompts, settings, tables)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser("python -m converters.torch_generate").parse_args(argv)
+    try:
+        summary = run(args, sampler=torch_sampler, load_checkpoint=_load)
+    except GenerateError as e:
+        raise SystemExit(f"error: {e}") from None
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

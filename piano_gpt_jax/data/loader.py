@@ -1,0 +1,91 @@
+"""Grain input pipeline: record index -> shuffled, sharded, augmented, batched numpy dicts.
+
+Everything before batching is index-based (grain MapDataset), so the iterator state is a
+position in the stream and a restored iterator replays exactly the same batches. Each epoch is
+shuffled differently (grain folds the epoch into the shuffle seed), and augmentation draws from an
+RNG seeded by (seed, shard, stream position), so it is reproducible and resumable too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from piano_gpt_jax.data.records import Augmentation
+
+
+class Records(Protocol):
+    def __len__(self) -> int: ...
+
+    def example(
+        self, index: int, rng: np.random.Generator | None = None, aug: Augmentation | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+
+class _MakeExample:
+    """Picklable map function (grain worker processes receive a copy)."""
+
+    def __init__(self, records: Records, seed: int, shard_index: int, aug: Augmentation):
+        self.records, self.seed, self.shard_index, self.aug = records, seed, shard_index, aug
+
+    def __call__(self, stream_index: int, record_index: int) -> dict[str, np.ndarray]:
+        rng = None
+        if self.aug.active:
+            rng = np.random.default_rng([self.seed, self.shard_index, int(stream_index)])
+        return self.records.example(int(record_index), rng, self.aug)
+
+
+def train_dataset(
+    records: Records,
+    *,
+    seed: int,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    augmentation: Augmentation | None = None,
+) -> grain.MapDataset:
+    """Infinite, batched MapDataset of one host's shard (batch_size is per host)."""
+    ds = index_stream(len(records), seed=seed, shard_index=shard_index, shard_count=shard_count)
+    ds = ds.map_with_index(_MakeExample(records, seed, shard_index, augmentation or Augmentation()))
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def index_stream(
+    n_records: int, *, seed: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.MapDataset:
+    """Endless record indices of one shard: a fresh permutation each epoch, hosts interleaved."""
+    if n_records == 0:
+        raise ValueError("no training records")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
+    ds = grain.MapDataset.range(n_records).shuffle(seed=seed).repeat()
+    return ds[shard_index::shard_count]
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # Grain worker processes read absl flags; a program that never parsed them would crash there.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(ds: grain.MapDataset, data_workers: int = 0, prefetch: int = 8) -> Any:
+    """A checkpointable iterator (get_state / set_state) over `ds`.
+
+    data_workers > 0 builds batches in that many processes; 0 builds them in this process with
+    two prefetch threads."""
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
+    it_ds = ds.to_iter_dataset(read)
+    if data_workers > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data_workers, per_worker_buffer_size=2)
+        )
+    return iter(it_ds)
+
+
+def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -1,0 +1,285 @@
+"""The data edge of training: settings in, tokenizer and batch iterators out.
+
+Training reads the train splits of `extra_datasets` (or of the base dataset when none are given);
+validation reads the base dataset's validation split as `full_val` plus one split per reference
+composer (bach, chopin, mozart) that is present. Evaluation batches are a fixed, seeded subset of
+the validation records, identical on every call, so validation losses are comparable over time
+(the reference resampled them on every evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from piano_gpt_jax.data import loader
+from piano_gpt_jax.data.records import (
+    EOGENAI,
+    GENAI,
+    Augmentation,
+    NextTokenRecords,
+    PianoTaskRecords,
+    PieceStore,
+    music_special_tokens,
+)
+from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
+from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+DEFAULT_TOKENIZER_CONFIG = {
+    "time_unit": 0.01,
+    "max_time_step": 1.0,
+    "n_velocity_bins": 32,
+    "n_special_ids": 2048,
+}
+COMPOSER_SPLITS = ("bach", "chopin", "mozart")
+REFERENCE_MAX_N_NOTES = 168  # the reference's <N_NOTES_k> range; keeps its vocabulary layout
+EVAL_SEED = 1337
+STAGES = ("next_token_pretraining", "piano_task")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    stage: str = "piano_task"
+    loss_masking: str = "pretraining"
+    tasks: Any = "piano_default"
+    base_dataset_name: str = "builtin"
+    extra_datasets: tuple[str, ...] = ()
+    pause_detection_threshold: float = 4.0
+    speed_change_factors: tuple[float, ...] = ()
+    max_pitch_shift: int = 0
+    batch_size: int = 32
+    context_size: int = 2048
+    notes_per_record: int = 128
+    data_workers: int = 0
+    seed: int = 1337
+    use_time_steps: bool = False
+    tokenizer_config: dict = field(default_factory=lambda: dict(DEFAULT_TOKENIZER_CONFIG))
+    eval_splits: Any = "auto"
+    shard_index: int = field(default_factory=jax.process_index)
+    shard_count: int = field(default_factory=jax.process_count)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.loss_masking not in ("pretraining", "finetuning"):
+            raise ValueError(
+                f"loss_masking must be 'pretraining' or 'finetuning', got {self.loss_masking!r}"
+            )
+        if self.batch_size % self.shard_count:
+            raise ValueError(
+                f"data batch_size {self.batch_size} must be divisible by the number of JAX "
+                f"processes ({self.shard_count})"
+            )
+        for name in ("context_size", "notes_per_record", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"data {name} must be positive, got {getattr(self, name)}")
+        if any(not f > 0 for f in self.speed_change_factors):
+            raise ValueError(f"speed_change_factors must be positive: {self.speed_change_factors}")
+        if self.max_pitch_shift < 0:
+            raise ValueError(f"max_pitch_shift must be >= 0, got {self.max_pitch_shift}")
+
+    @property
+    def host_batch_size(self) -> int:
+        return self.batch_size // self.shard_count
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(int(self.max_pitch_shift), tuple(self.speed_change_factors))
+
+
+def required_special_tokens(settings: DataSettings) -> list[str]:
+    """Special tokens the records of these settings use, in the order a fresh vocab gets them."""
+    tokens = music_special_tokens(max(settings.notes_per_record, REFERENCE_MAX_N_NOTES))
+    if settings.stage == "piano_task":
+        tokens += task_special_tokens(resolve_tasks(settings.tasks)) + [GENAI, EOGENAI]
+    return tokens
+
+
+def build_tokenizer(
+    settings: DataSettings, tokenizer_desc: dict | None = None
+) -> ExponentialTimeTokenizer:
+    """From the checkpoint's desc when given (ids kept), else fresh from the config; then any
+    missing special tokens these settings need take the next placeholder slots."""
+    if tokenizer_desc is not None:
+        tok = ExponentialTimeTokenizer.from_dict(tokenizer_desc)
+    else:
+        tok = ExponentialTimeTokenizer.build(settings.tokenizer_config)
+    tok.add_special_tokens(required_special_tokens(settings))
+    return tok
+
+
+def _load_dataset(name: str, required_splits: tuple[str, ...]):
+    from piano_gpt_jax.data.sources import load_piano_dataset
+
+    return load_piano_dataset(name, required_splits=required_splits)
+
+
+def _train_split(settings: DataSettings, base):
+    import datasets
+
+    names = list(settings.extra_datasets)
+    if not names:
+        if "train" not in base:
+            raise ValueError(
+                f"dataset {settings.base_dataset_name!r} has no train split; give "
+                "dataset.extra_datasets with train data"
+            )
+        return base["train"], settings.base_dataset_name
+    splits = []
+    for name in names:
+        dd = base if name == settings.base_dataset_name else _load_dataset(name, ("train",))
+        if "train" not in dd:
+            raise ValueError(f"dataset {name!r} (in dataset.extra_datasets) has no train split")
+        splits.append(dd["train"].select_columns(["notes", "source"]))
+    return datasets.concatenate_datasets(splits), ", ".join(names)
+
+
+class DataPipeline:
+    def __init__(self, settings: DataSettings, tokenizer: ExponentialTimeTokenizer):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        s = settings
+        missing = [t for t in required_special_tokens(s) if t not in tokenizer.token_to_id]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks {len(missing)} special tokens these settings need (e.g. "
+                f"{missing[:3]}); build it with data.pipeline.build_tokenizer"
+            )
+        self.tasks = resolve_tasks(s.tasks) if s.stage == "piano_task" else []
+        base = _load_dataset(s.base_dataset_name, ("validation",))
+        train_split, train_name = _train_split(s, base)
+        self.train_store = PieceStore.from_split(train_split, s.pause_detection_threshold)
+        self.train_records = self._records(self.train_store)
+        if len(self.train_records) == 0:
+            raise ValueError(self._empty_message(f"train data of {train_name!r}", self.train_store))
+        if "validation" not in base or len(base["validation"]) == 0:
+            raise ValueError(
+                f"dataset {s.base_dataset_name!r} has no (or an empty) validation split; "
+                "give dataset.base_dataset_name a dataset with a validation split"
+            )
+        val_store = PieceStore.from_split(base["validation"], s.pause_detection_threshold)
+        self.eval_records: dict[str, Any] = {"full_val": self._records(val_store)}
+        if len(self.eval_records["full_val"]) == 0:
+            raise ValueError(
+                self._empty_message(f"validation split of {s.base_dataset_name!r}", val_store)
+            )
+        keys = val_store.composer_keys()
+        for composer in COMPOSER_SPLITS:
+            ids = [i for i, k in enumerate(keys) if k == composer]
+            if ids:
+                recs = self._records(val_store.subset(ids))
+                if len(recs):
+                    self.eval_records[composer] = recs
+        if s.eval_splits != "auto":
+            wanted = [s.eval_splits] if isinstance(s.eval_splits, str) else list(s.eval_splits)
+            unknown = [w for w in wanted if w not in self.eval_records]
+            if unknown:
+                raise ValueError(
+                    f"eval_splits {unknown} do not exist for {s.base_dataset_name!r}; "
+                    f"available: {list(self.eval_records)}"
+                )
+            self.eval_records = {w: self.eval_records[w] for w in wanted}
+        self._eval_cache: dict[tuple[str, int], list] = {}
+
+    def _records(self, store: PieceStore):
+        s = self.settings
+        if s.stage == "piano_task":
+            return PianoTaskRecords(
+                store, self.tokenizer, self.tasks, s.notes_per_record, s.context_size,
+                s.loss_masking, s.use_time_steps,
+            )
+        return NextTokenRecords(store, self.tokenizer, s.context_size, s.use_time_steps)
+
+    def _empty_message(self, what: str, store: PieceStore) -> str:
+        s = self.settings
+        need = (
+            f"pieces of at least notes_per_record={s.notes_per_record} notes"
+            if s.stage == "piano_task"
+            else "pieces of at least 2 notes"
+        )
+        return (
+            f"no usable records in the {what}: {store.n_pieces} pieces, {store.n_notes} notes "
+            f"(after splitting on pauses > {s.pause_detection_threshold} s; "
+            f"{store.skipped_records} records skipped, {store.dropped_notes} bad notes dropped); "
+            f"{s.stage} needs {need}. Lower data.notes_per_record, raise "
+            "dataset.pause_detection_threshold, or point the dataset names at more data."
+        )
+
+    # ------------------------------------------------------------------ training
+    def train_iterator(self):
+        s = self.settings
+        ds = loader.train_dataset(
+            self.train_records,
+            seed=s.seed,
+            batch_size=s.host_batch_size,
+            shard_index=s.shard_index,
+            shard_count=s.shard_count,
+            augmentation=s.augmentation,
+        )
+        return loader.make_iterator(ds, s.data_workers)
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def eval_split_names(self) -> list[str]:
+        return list(self.eval_records)
+
+    def _records_for(self, split: str):
+        if split not in self.eval_records:
+            raise ValueError(f"unknown eval split {split!r}; available: {self.eval_split_names}")
+        return self.eval_records[split]
+
+    def _eval_indices(self, n_records: int, count: int, salt: int) -> np.ndarray:
+        rng = np.random.default_rng([EVAL_SEED, salt])
+        if count <= n_records:
+            return rng.choice(n_records, size=count, replace=False)
+        return rng.permutation(np.resize(np.arange(n_records), count))
+
+    def eval_batches(self, split: str, n_batches: int) -> list[dict[str, np.ndarray]]:
+        """The same `n_batches` host batches of `split` on every call (no augmentation)."""
+        key = (split, int(n_batches))
+        if key not in self._eval_cache:
+            recs = self._records_for(split)
+            s = self.settings
+            bs = s.host_batch_size
+            idx = self._eval_indices(len(recs), n_batches * bs * s.shard_count, 0)
+            idx = idx.reshape(n_batches, s.shard_count, bs)[:, s.shard_index]
+            self._eval_cache[key] = [
+                loader.stack_examples([recs.example(int(i)) for i in row]) for row in idx
+            ]
+        return self._eval_cache[key]
+
+    def eval_examples(self, split: str, n: int) -> list[dict[str, Any]]:
+        """Prompts and targets for generation-based evaluation (piano_task stage; [] otherwise).
+
+        prompt_ids end with <GENAI>; target_ids are the target's note tokens (no <EOGENAI>)."""
+        recs = self._records_for(split)
+        if not isinstance(recs, PianoTaskRecords):
+            return []
+        out = []
+        for i in self._eval_indices(len(recs), int(n), 1):
+            task, prompt, target = recs.parts(int(i))
+            out.append(
+                {
+                    "task": task,
+                    "prompt_ids": prompt,
+                    "target_ids": target,
+                    "prompt_time_steps": self.tokenizer.time_steps(prompt),
+                }
+            )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        st = self.train_store
+        return {
+            "train_pieces": st.n_pieces,
+            "train_notes": st.n_notes,
+            "train_records": len(self.train_records),
+            **{f"{k}_records": len(v) for k, v in self.eval_records.items()},
+        }
+
+
+def make_pipeline(settings: DataSettings, tokenizer: ExponentialTimeTokenizer) -> DataPipeline:
+    return DataPipeline(settings, tokenizer)

@@ -1,0 +1,168 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+from piano_gpt_jax.data.records import (
+    Augmentation,
+    NextTokenRecords,
+    PianoTaskRecords,
+    PieceStore,
+    music_special_tokens,
+    music_time_token,
+)
+from piano_gpt_jax.tasks import HighNotesMasking, StrideMasking
+from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+CONFIG = {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048}
+SOURCE = json.dumps({"composer": "Frédéric Chopin", "dataset": "maestro", "title": "x"})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = ExponentialTimeTokenizer.build(CONFIG)
+    t.add_special_tokens(music_special_tokens(168))
+    t.add_special_tokens(["<PARAMETRIC_HIGH_NOTES>", "<PARAMETER_1>", "<PARAMETRIC_STRIDE_MASK>",
+                          "<PARAMETER_2>", "<GENAI>", "<EOGENAI>"])
+    return t
+
+
+def golden_split():
+    # The reference worked example (1.11) shifted by 10 s: windows are moved back to t = 0.
+    notes = {"pitch": [[60, 64, 67]], "velocity": [[80, 101, 64]],
+             "start": [[10.0, 10.252, 10.254]], "end": [[10.5, 10.498, 11.333]]}
+    rows = [{"notes": {k: v[0] for k, v in notes.items()}, "source": SOURCE}]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_music_manager_tokens_and_ids(tok):
+    assert len(music_special_tokens(168)) == 1395
+    assert tok.token_to_id["<MAESTRO>"] == 217 and tok.token_to_id["<BACH>"] == 241
+    assert tok.token_to_id["<N_NOTES_0>"] == 242 and tok.token_to_id["<MUSIC_TIME_1200>"] == 1611
+    assert music_time_token(0.254) == "<MUSIC_TIME_3>"
+    assert music_time_token(float("nan")) == "<MUSIC_TIME_0>"
+    assert music_time_token(500.0) == "<MUSIC_TIME_1200>"
+
+
+def test_piano_task_layout_matches_the_reference_example(tok):
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    recs = PianoTaskRecords(store, tok, [HighNotesMasking(1)], notes_per_record=3,
+                            context_size=40)
+    assert len(recs) == 1
+    task, prompt, target = recs.parts(0)
+    assert task == "high_notes_masking-x1"
+    expected = (
+        "<MAESTRO> <CHOPIN> <N_NOTES_1> <PARAMETRIC_HIGH_NOTES> <PARAMETER_1> <MUSIC_TIME_3> "
+        "<MUSIC_TIME_3> VELOCITY_20 NOTE_ON_60 16T 8T 1T VELOCITY_25 NOTE_ON_64 16T 8T 1T "
+        "NOTE_OFF_60 NOTE_OFF_64 <GENAI> 16T 8T 1T VELOCITY_16 NOTE_ON_67 64T 32T 8T 4T NOTE_OFF_67"
+    ).split()
+    assert [tok.vocab[i] for i in np.concatenate([prompt, target])] == expected
+
+    ex = recs.example(0)
+    seq = expected + ["<EOGENAI>"]
+    n = len(seq)
+    assert [tok.vocab[i] for i in ex["tokens"][:n]] == seq
+    assert [tok.vocab[i] for i in ex["targets"][: n - 1]] == seq[1:]
+    assert (ex["tokens"][n:] == 0).all() and (ex["targets"][n - 1 :] == 0).all()
+    assert ex["loss_mask"].tolist() == [1] * (n - 1) + [0] * (40 - n + 1)
+    assert all(v.dtype == np.int32 and v.shape == (40,) for v in ex.values())
+
+    fine = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 40, "finetuning").example(0)
+    genai_at = expected.index("<GENAI>")
+    # targets[genai_at - 1] is <GENAI> itself (not trained); targets[genai_at] is the first answer.
+    assert tok.vocab[fine["targets"][genai_at - 1]] == "<GENAI>"
+    assert fine["loss_mask"][:genai_at].sum() == 0
+    assert fine["loss_mask"][genai_at : n - 1].all()
+
+
+def test_time_steps_restart_after_genai(tok):
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    ex = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 40, use_time_steps=True).example(0)
+    steps = ex["time_steps"]
+    genai = list(ex["tokens"]).index(tok.token_to_id["<GENAI>"])
+    assert steps[:7].tolist() == [0] * 7  # prefix specials
+    assert steps[genai] == 0 and steps[genai + 1] == 17  # 16T after the restart
+    full = np.concatenate([ex["tokens"], ex["targets"][-1:]])
+    assert steps.tolist() == tok.time_steps(full)[:-1].tolist()
+
+
+def test_truncation_to_context(tok):
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    ex = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 10).example(0)
+    assert ex["tokens"].shape == (10,) and ex["loss_mask"].all()
+
+
+def real_store(maestro_dir, n_files=2):
+    from piano_gpt_jax.data.midi_io import read_midi
+
+    rows = []
+    for f in sorted(maestro_dir.glob("*.mid"))[:n_files]:
+        df = read_midi(f)
+        rows.append({"notes": {c: df[c].to_numpy() for c in df.columns}, "source": SOURCE})
+    return PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
+
+
+def test_window_index_uses_cumulative_counts(tok, maestro_dir):
+    store = real_store(maestro_dir)
+    recs = PianoTaskRecords(store, tok, [StrideMasking(2), HighNotesMasking(1)], 64, 512)
+    counts = np.maximum(np.diff(store.offsets) - 64 + 1, 0)
+    assert len(recs) == 2 * counts.sum()
+    last_piece = int(np.nonzero(counts)[0][-1])
+    assert recs.locate(len(recs) - 1) == (last_piece, int(counts[last_piece]) - 1, 1)
+    assert recs.locate(2 * int(counts[0])) == (1, 0, 0)
+
+
+def test_augmentation_is_deterministic_and_keeps_notes_on_the_piano(tok, maestro_dir):
+    store = real_store(maestro_dir, 1)
+    recs = PianoTaskRecords(store, tok, [StrideMasking(2)], 64, 1024)
+    aug = Augmentation(max_pitch_shift=5, speed_change_factors=(0.5,))
+    a = recs.example(100, np.random.default_rng(7), aug)
+    b = recs.example(100, np.random.default_rng(7), aug)
+    assert all((a[k] == b[k]).all() for k in a)
+    shifts, factors = set(), set()
+    plain = tok.decode(recs.example(100)["tokens"])
+    for seed in range(40):
+        ex = recs.example(100, np.random.default_rng(seed), aug)
+        dec = tok.decode(ex["tokens"])
+        assert dec.pitch.between(21, 108).all()
+        shifts.add(int(dec.pitch.min() - plain.pitch.min()))
+        factors.add(round(dec.end.max() / plain.end.max(), 1))
+    assert len(shifts) > 5 and (2 in shifts or -2 in shifts)  # even shifts too (reference bug 15)
+    assert factors == {1.0, 2.0}
+
+
+def test_next_token_windows(tok, maestro_dir):
+    store = real_store(maestro_dir, 1)
+    recs = NextTokenRecords(store, tok, context_size=256, use_time_steps=True)
+    ids = np.concatenate([tok.encode(store.piece(i)) for i in range(store.n_pieces)])
+    assert len(recs) > 0.4 * len(ids)  # every offset except NOTE_ONs, minus the tails
+    ex = recs.example(0)
+    assert [tok.vocab[i] for i in ex["tokens"][:2]] == ["<MAESTRO>", "<CHOPIN>"]
+    assert ex["tokens"][2:].tolist() == ids[:254].tolist()
+    assert ex["targets"].tolist() == ex["tokens"][1:].tolist() + [ids[254]]
+    assert ex["loss_mask"].all()
+    for i in range(0, len(recs), 997):
+        first = tok.vocab[recs.example(i)["tokens"][2]]
+        assert not first.startswith("NOTE_ON")
+    shifted = recs.example(5, np.random.default_rng(1), Augmentation(max_pitch_shift=3))
+    assert shifted["tokens"].shape == (256,)
+
+
+def test_short_piece_gives_one_padded_next_token_record(tok):
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    recs = NextTokenRecords(store, tok, context_size=64)
+    assert len(recs) == 1
+    ex = recs.example(0)
+    assert ex["loss_mask"].sum() == 19 + 1  # composer->first note + 19 note tokens
+    assert (ex["tokens"][21:] == 0).all()
+
+
+def test_bad_records_are_skipped_with_counts(tok):
+    rows = [
+        {"notes": {"pitch": [60, 130, 62], "velocity": [50, 50, 50], "start": [0.0, 0.1, 0.2],
+                   "end": [0.5, 0.6, 0.1]}, "source": SOURCE},
+        {"notes": {"pitch": [], "velocity": [], "start": [], "end": []}, "source": SOURCE},
+    ]
+    store = PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
+    assert store.dropped_notes == 2 and store.skipped_records == 2 and store.n_pieces == 0

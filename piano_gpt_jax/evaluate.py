@@ -1,0 +1,263 @@
+"""PIANO-task evaluation: answer task prompts with the model and score them with the PIANO metrics.
+
+    python -m piano_gpt_jax.evaluate --checkpoint RUN_DIR_OR.pt [--dataset NAME] [--split full_val]
+        [--n-examples 16] [--temperature 1.0] [--top-k K] [--seed 0] [--out-dir DIR] [--wandb]
+
+As the reference's piano_eval: prompt = everything up to and including <GENAI>; the generated
+notes are cropped to start before the target's last end (the model's own <EOGENAI> also stops
+it here); metrics are averaged per task and over all tasks ("all"). Unlike the reference, an
+empty generation is scored rather than skipped (F1 0, distances against an all-zero histogram),
+and the number of empty generations is reported; NaN correlations (a constant histogram) are left
+out of that metric's mean, and `n_nan/<metric>` says how often.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piano_gpt_jax import piano_metrics, sampling
+from piano_gpt_jax.model import ModelConfig
+
+EVAL_BATCH = 16  # prompts decoded together
+
+
+def generation_budget(target_lengths: Sequence[int], context_size: int) -> int:
+    """New-token budget: room for the longest target plus slack, at most one context."""
+    longest = max((int(n) for n in target_lengths), default=0)
+    return int(min(context_size, max(64, round(1.5 * longest) + 32)))
+
+
+def crop_to_target(generated, target):
+    """Drop generated notes that start after the target's last end (reference: no EOS needed)."""
+    if len(generated) == 0 or len(target) == 0:
+        return generated
+    return generated[generated["start"] < float(target["end"].max())].reset_index(drop=True)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
+                        splits: Sequence[str], n_examples: int, temperature: float = 1.0,
+                        top_k: int | None = None, seed: int = 0) -> dict:
+    """{split: {task or "all": {metric: float}}} over `n_examples` fixed prompts per split.
+
+    Splits without task examples (next-token stage) are left out. Each entry also carries
+    n_examples, n_empty_generations and n_nan/<metric> counts.
+    """
+    manager = piano_metrics.MetricsManager.load_default()
+    tables = sampling.token_tables(tokenizer.vocab)
+    eogenai = tables.stop_id
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for split in splits:
+        examples = pipeline.eval_examples(split, n_examples)
+        if not examples:
+            continue
+        per_task: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for lo in range(0, len(examples), EVAL_BATCH):
+            batch = examples[lo:lo + EVAL_BATCH]
+            settings = sampling.SamplingSettings(
+                temperature=temperature, top_k=int(top_k or 0), seed=seed + lo,
+                max_new_tokens=generation_budget([len(e["target_ids"]) for e in batch],
+                                                 model_config.context_size))
+            out = sampling.generate(model_config, params, [e["prompt_ids"] for e in batch],
+                                    settings, tables)
+            for ex, new in zip(batch, out.new_tokens, strict=True):
+                new = new[new != eogenai] if eogenai >= 0 else new
+                target = tokenizer.decode(ex["target_ids"])
+                generated = crop_to_target(tokenizer.decode(new), target)
+                scores = manager.calculate_flat(target, generated)
+                scores["empty_generation"] = float(len(generated) == 0)
+                per_task[ex["task"]].append(scores)
+        per_task["all"] = [s for rows in per_task.values() for s in rows]
+        results[split] = {task: _summarise(rows, manager.log_keys())
+                          for task, rows in sorted(per_task.items(), key=_all_first)}
+    return results
+
+
+def _all_first(item):
+    return (item[0] != "all", item[0])
+
+
+def _summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
+    out = {k: _mean([r[k] for r in rows]) for k in keys}
+    out["n_examples"] = float(len(rows))
+    out["n_empty_generations"] = float(sum(r["empty_generation"] for r in rows))
+    for k in keys:
+        n_nan = sum(math.isnan(r[k]) for r in rows)
+        if n_nan:
+            out[f"n_nan/{k}"] = float(n_nan)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ data
+def data_settings_for_checkpoint(ck, dataset: str | None = None, stage: str | None = None):
+    """The run's data settings (from the checkpoint's run_config when it is ours), with overrides.
+
+    A reference .pt or a checkpoint without a usable run config gets defaults matching the model.
+    Only one process's view is needed here, and no extra training datasets.
+    """
+    from piano_gpt_jax.config import build_train_config
+    from piano_gpt_jax.data.pipeline import DataSettings
+
+    kwargs: dict[str, Any] = {}
+    run_config = (ck.metadata or {}).get("run_config")
+    if isinstance(run_config, Mapping):
+        try:
+            kwargs = dict(build_train_config(run_config).data_kwargs)
+        except Exception:  # a reference (Hydra) run config: fall back to defaults
+            kwargs = {}
+    if not kwargs:
+        kwargs = {"stage": "piano_task", "base_dataset_name": "builtin", "batch_size": 1}
+    kwargs.update(context_size=min(int(kwargs.get("context_size") or 10**9),
+                                   ck.model_config.context_size),
+                  use_time_steps=ck.model_config.use_time_embedding, extra_datasets=(),
+                  data_workers=0, shard_index=0, shard_count=1, max_pitch_shift=0,
+                  speed_change_factors=())
+    if dataset:
+        kwargs["base_dataset_name"] = dataset
+    if stage:
+        kwargs["stage"] = stage
+        if stage != "piano_task":
+            kwargs["loss_masking"] = "pretraining"
+    return DataSettings(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def format_tables(results: dict, max_columns: int = 6) -> str:
+    """One table per split: metrics down, tasks across ("all" first), wrapped to fit a terminal."""
+    lines = []
+    for split, per_task in results.items():
+        tasks = list(per_task)
+        keys = [k for k in per_task["all"] if not k.startswith("n_nan/")]
+        width = max(len(k) for k in keys) + 2
+        for lo in range(0, len(tasks), max_columns):
+            cols = tasks[lo:lo + max_columns]
+            colw = max(12, *(len(c) + 2 for c in cols))
+            lines.append(f"== {split} ==")
+            lines.append(" " * width + "".join(f"{c:>{colw}}" for c in cols))
+            for k in keys:
+                cells = "".join(f"{per_task[c].get(k, math.nan):>{colw}.4f}" for c in cols)
+                lines.append(f"{k:<{width}}{cells}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append records; NaN is written as null so every line stays valid JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({k: clean(v) for k, v in r.items()}) + "\n")
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory a checkpoint path belongs to (a .pt's own directory)."""
+    if path.is_file():
+        return path.parent
+    from piano_gpt_jax.checkpoints import resolve_step_dir
+
+    return resolve_step_dir(path).parent.parent
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m piano_gpt_jax.evaluate",
+                                 description="PIANO-task metrics of a checkpoint.")
+    ap.add_argument("--checkpoint", required=True, help="run directory, step directory or .pt")
+    ap.add_argument("--dataset", help="dataset to evaluate on (default: the run's own)")
+    ap.add_argument("--split", action="append",
+                    help="eval split (repeat or comma-separate; default: all of the run's)")
+    ap.add_argument("--n-examples", type=int, default=16, help="task prompts per split")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", help="where metrics.jsonl is appended (default: the run dir, "
+                                      "or the current directory for a .pt)")
+    ap.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    ap.add_argument("--wandb-project", default="piano-gpt-jax")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.n_examples < 1:
+        raise SystemExit("error: --n-examples must be at least 1")
+    from piano_gpt_jax.checkpoints import load_any_checkpoint
+    from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+
+    path = Path(args.checkpoint)
+    try:
+        ck = load_any_checkpoint(path)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
+    if ck.tokenizer_desc is None:
+        raise SystemExit(f"error: {path} has no tokenizer_desc; PIANO prompts need the run's "
+                         "tokenizer. Re-export the checkpoint with its tokenizer.")
+    try:
+        settings = data_settings_for_checkpoint(ck, args.dataset, stage="piano_task")
+        tokenizer = build_tokenizer(settings, ck.tokenizer_desc)
+        if tokenizer.vocab_size != ck.model_config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model "
+                             f"{ck.model_config.vocab_size}")
+        pipeline = make_pipeline(settings, tokenizer)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"error: cannot build the evaluation data: {e}") from None
+    splits = [s.strip() for arg in (args.split or []) for s in arg.split(",") if s.strip()]
+    splits = splits or pipeline.eval_split_names
+    unknown = [s for s in splits if s not in pipeline.eval_split_names]
+    if unknown:
+        raise SystemExit(f"error: unknown split(s) {unknown}; this dataset has "
+                         f"{pipeline.eval_split_names}")
+
+    t0 = time.perf_counter()
+    results = run_task_evaluation(ck.model_config, ck.params, tokenizer, pipeline, splits,
+                                  args.n_examples, args.temperature, args.top_k, args.seed)
+    seconds = time.perf_counter() - t0
+    print(f"PIANO-task metrics of {path} (step {ck.step}), {args.n_examples} prompts per split, "
+          f"temperature {args.temperature}, {seconds:.1f} s")
+    print(format_tables(results))
+
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir_of(path)
+    records = [{"event": "task_eval", "checkpoint": str(path), "step": ck.step, "split": split,
+                "task": task, "temperature": args.temperature, **values}
+               for split, per_task in results.items() for task, values in per_task.items()]
+    append_jsonl(out_dir / "metrics.jsonl", records)
+    print(f"appended {len(records)} rows to {out_dir / 'metrics.jsonl'}")
+    if args.wandb:
+        _log_wandb(args, ck, results)
+    return 0
+
+
+def _log_wandb(args, ck, results: dict) -> None:
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb needs the wandb package (pip install wandb)") from None
+    run = wandb.init(project=args.wandb_project, job_type="piano-eval",
+                     mode=os.environ.get("WANDB_MODE", "online"),
+                     config={"checkpoint": str(args.checkpoint), "step": ck.step})
+    logged = {}
+    for split, per_task in results.items():
+        for task, values in per_task.items():
+            prefix = f"metrics/{split}_" if task == "all" else f"metrics/{split}/{task}/"
+            logged.update({prefix + k: v for k, v in values.items()})
+    run.log({"iter": ck.step, **logged})
+    run.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Generate music with a trained model: MIDI files, a piano roll and a short summary.
+
+    python -m piano_gpt_jax.generate --checkpoint RUN_DIR_OR.pt --out OUT_DIR
+        (--prompt-midi FILE [--prompt-seconds N] | --prompt-dataset SPLIT:INDEX [--dataset NAME])
+        [--prompt-notes N] [--task NAME] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
+        [--seed S] [--max-new-tokens N] [--num-samples K] [--overwrite]
+
+Without --task the model continues the prompt: `[dataset, composer] + ET(prompt)`, and the new
+notes are placed after the prompt's last event. With --task (a PIANO task name such as
+top_line_masking-x1) the prompt notes are split by the task as in training, the prompt is
+`[dataset, composer, <N_NOTES_k>] + task tokens + [<MUSIC_TIME_a>, <MUSIC_TIME_b>] + ET(source)
++ <GENAI>`, and the generated notes share the prompt's clock (the task's answer is laid over the
+source); the removed target notes are written too, for comparison.
+
+Writes into OUT_DIR: prompt.mid, generation.mid (generation_<k>.mid for several samples),
+combined.mid (prompt + generation), for --task also target.mid, and pianoroll.png
+(pianoroll_<k>.png). Existing files are never replaced unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from piano_gpt_jax import pianoroll, sampling
+
+DATASET_TOKEN_FALLBACK = "<PIANO_FOR_AI>"
+UNKNOWN_COMPOSER = "<UNKNOWN_COMPOSER>"
+
+
+class GenerateError(ValueError):
+    """A problem the user can fix; main() turns it into a message and exit status 1."""
+
+
+# ----------------------------------------------------------------------------------- prompts
+def _frame(notes: Any) -> pd.DataFrame:
+    df = pd.DataFrame({k: np.asarray(notes[k]) for k in ("pitch", "velocity", "start", "end")})
+    return df.sort_values("start", kind="stable").reset_index(drop=True)
+
+
+def crop_notes(notes: pd.DataFrame, seconds: float | None, max_notes: int | None) -> pd.DataFrame:
+    """The first notes (by start) within `seconds` and at most `max_notes`, shifted to t = 0."""
+    df = _frame(notes)
+    if seconds is not None:
+        df = df[df["start"] - df["start"].min() < seconds] if len(df) else df
+    if max_notes is not None:
+        df = df.iloc[:max_notes]
+    if len(df):
+        t0 = float(df["start"].min())
+        df = df.assign(start=df["start"] - t0, end=df["end"] - t0)
+    return df.reset_index(drop=True)
+
+
+def _token_ids(tokenizer, tokens: Sequence[str], what: str) -> np.ndarray:
+    missing = [t for t in tokens if t not in tokenizer.token_to_id]
+    if missing:
+        raise GenerateError(f"the checkpoint's vocabulary has no {missing} ({what}); this model "
+                            "was not trained with them")
+    return tokenizer.encode_tokens(list(tokens))
+
+
+def _optional_prefix(tokenizer, tokens: Sequence[str]) -> list[str]:
+    """Dataset/composer tokens when this vocabulary has them (reference-layout vocabularies)."""
+    return [t for t in tokens if t in tokenizer.token_to_id]
+
+
+def continuation_prompt(tokenizer, notes: pd.DataFrame, dataset_token: str,
+                        composer_token: str) -> np.ndarray:
+    head = _optional_prefix(tokenizer, [dataset_token, composer_token])
+    return np.concatenate([tokenizer.encode_tokens(head), tokenizer.encode(notes)]).astype(np.int32)
+
+
+def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
+                composer_token: str) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """(prompt ids ending in <GENAI>, source notes, target notes), laid out as in training."""
+    from piano_gpt_jax.data.records import GENAI, music_time_token, n_notes_token
+
+    split = task.split({k: notes[k].to_numpy() for k in ("pitch", "velocity", "start", "end")})
+    source, target = _frame(split.source), _frame(split.target)
+    if len(target) == 0:
+        raise GenerateError(f"task {task.task_name} leaves no target notes in this prompt; use "
+                            "more prompt notes or another task")
+    head = _optional_prefix(tokenizer, [dataset_token, composer_token])
+    head += [n_notes_token(len(target)), *split.prefix_tokens,
+             music_time_token(float(target["start"].min())),
+             music_time_token(float(target["start"].max()))]
+    ids = np.concatenate([_token_ids(tokenizer, head, f"task {task.task_name} prompt tokens"),
+                          tokenizer.encode(source),
+                          _token_ids(tokenizer, [GENAI], "the generation marker")])
+    return ids.astype(np.int32), source, target
+
+
+def music_end_time(tokenizer, ids: np.ndarray) -> float:
+    """Seconds covered by the time tokens of `ids` (where the next event would be placed)."""
+    steps = 0
+    for i in np.asarray(ids):
+        tok = tokenizer.vocab[int(i)]
+        if tok.endswith("T") and tok[:-1].isdigit():
+            steps += int(tok[:-1])
+    return steps * tokenizer.time_unit
+
+
+def resolve_task(name: str):
+    from piano_gpt_jax.tasks import resolve_tasks
+
+    try:
+        tasks = resolve_tasks(name)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if len(tasks) != 1:
+        raise GenerateError(f"--task needs one task name such as top_line_masking-x1, not the "
+                            f"task set {name!r}")
+    return tasks[0]
+
+
+def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
+    """(notes, description, dataset token, composer token) of --prompt-midi / --prompt-dataset."""
+    from piano_gpt_jax.data import pieces
+
+    if args.prompt_midi:
+        from piano_gpt_jax.data.midi_io import MidiReadError, read_midi
+
+        try:
+            notes = read_midi(args.prompt_midi)
+        except MidiReadError as e:
+            raise GenerateError(str(e)) from None
+        composer = args.composer_token or UNKNOWN_COMPOSER
+        return notes, str(args.prompt_midi), DATASET_TOKEN_FALLBACK, composer
+    split, _, index = args.prompt_dataset.partition(":")
+    if not split or not index.lstrip("-").isdigit():
+        raise GenerateError(f"--prompt-dataset must be SPLIT:INDEX such as validation:3, got "
+                            f"{args.prompt_dataset!r}")
+    from piano_gpt_jax.data.sources import load_piano_dataset
+    from piano_gpt_jax.evaluate import data_settings_for_checkpoint
+
+    name = args.dataset or data_settings_for_checkpoint(ck).base_dataset_name
+    try:
+        dd = load_piano_dataset(name)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise GenerateError(f"cannot load dataset {name!r}: {e}") from None
+    if split not in dd:
+        raise GenerateError(f"dataset {name!r} has no split {split!r}; it has {list(dd)}")
+    i = int(index)
+    if not 0 <= i < len(dd[split]):
+        raise GenerateError(f"index {i} is out of range: {name}:{split} has {len(dd[split])} "
+                            "records")
+    record = dd[split][i]
+    notes = pieces.notes_from_record(record)
+    source = record.get("source")
+    composer = args.composer_token or pieces.composer_token(source)
+    return (pd.DataFrame({k: notes[k] for k in ("pitch", "velocity", "start", "end")}),
+            f"{name} {split}[{i}]", pieces.dataset_token(source), composer)
+
+
+# -------------------------------------------------------------------------------------- main
+def build_parser(prog: str = "python -m piano_gpt_jax.generate") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Generate piano music from a checkpoint.")
+    ap.add_argument("--checkpoint", required=True, help="run directory, step directory or .pt")
+    ap.add_argument("--out", required=True, help="output directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-midi", help="a MIDI file whose first notes are the prompt")
+    src.add_argument("--prompt-dataset", help="SPLIT:INDEX of a dataset record")
+    ap.add_argument("--dataset", help="dataset for --prompt-dataset (default: the run's)")
+    ap.add_argument("--prompt-seconds", type=float, default=None,
+                    help="keep the notes starting in the first N seconds")
+    ap.add_argument("--prompt-notes", type=int, default=128,
+                    help="keep at most N notes (default 128; the model's training records "
+                         "hold notes_per_record notes)")
+    ap.add_argument("--composer-token", help="e.g. <CHOPIN> (default: from the record, or "
+                                             "<UNKNOWN_COMPOSER>)")
+    ap.add_argument("--task", help="a PIANO task name, e.g. top_line_masking-x1")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--min-p", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return ap
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _outputs(out: Path, n: int, task: bool) -> dict[str, Path]:
+    names = {"prompt": "prompt.mid"}
+    if task:
+        names["target"] = "target.mid"
+    for k in range(n):
+        sfx = "" if n == 1 else f"_{k}"
+        names[f"generation{sfx}"] = f"generation{sfx}.mid"
+        names[f"combined{sfx}"] = f"combined{sfx}.mid"
+        names[f"pianoroll{sfx}"] = f"pianoroll{sfx}.png"
+    return {k: out / v for k, v in names.items()}
+
+
+def jax_sampler(ck, prompts, settings, tables) -> sampling.GenerationResult:
+    return sampling.generate(ck.model_config, ck.params, prompts, settings, tables)
+
+
+def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> dict[str, Any]:
+    """Everything but printing; `sampler(ck, prompts, settings, tables)` and `load_checkpoint`
+    are swappable so the PyTorch twin can reuse the prompt and output handling."""
+    from piano_gpt_jax.checkpoints import load_any_checkpoint
+    from piano_gpt_jax.data.midi_io import write_midi
+    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+    if args.num_samples < 1:
+        raise GenerateError("--num-samples must be at least 1")
+    if args.prompt_notes is not None and args.prompt_notes < 1:
+        raise GenerateError("--prompt-notes must be at least 1")
+    try:
+        settings = sampling.SamplingSettings(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    task = resolve_task(args.task) if args.task else None
+    out = Path(args.out)
+    paths = _outputs(out, args.num_samples, task is not None)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise GenerateError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
+                            "--overwrite or choose another --out")
+    if args.prompt_midi and not Path(args.prompt_midi).is_file():
+        raise GenerateError(f"--prompt-midi {args.prompt_midi}: no such file")
+
+    try:
+        ck = (load_checkpoint or load_any_checkpoint)(args.checkpoint)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+        raise GenerateError(f"cannot load checkpoint {args.checkpoint}: {e}") from None
+    if ck.tokenizer_desc is None:
+        raise GenerateError(f"{args.checkpoint} carries no tokenizer_desc, so its token ids "
+                            "cannot be decoded; export it with its tokenizer")
+    try:
+        tokenizer = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc)
+    except (ValueError, KeyError) as e:
+        raise GenerateError(f"the checkpoint's tokenizer cannot be rebuilt: {e}") from None
+    if tokenizer.vocab_size != ck.model_config.vocab_size:
+        raise GenerateError(f"tokenizer ({tokenizer.vocab_size} tokens) and model "
+                            f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
+
+    raw, described, dataset_token, composer_token = load_prompt_notes(args, ck)
+    notes = crop_notes(raw, args.prompt_seconds, args.prompt_notes)
+    if len(notes) == 0:
+        raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
+    if task is not None:
+        prompt_ids, shown_prompt, target = task_prompt(tokenizer, task, notes, dataset_token,
+                                                       composer_token)
+        offset = 0.0
+    else:
+        prompt_ids = continuation_prompt(tokenizer, notes, dataset_token, composer_token)
+        shown_prompt, target = notes, None
+        offset = music_end_time(tokenizer, prompt_ids)
+
+    tables = sampling.token_tables(tokenizer.vocab)
+    result = sampler(ck, [prompt_ids] * args.num_samples, settings, tables)
+    out.mkdir(parents=True, exist_ok=True)
+    write_midi(shown_prompt, paths["prompt"])
+    if target is not None:
+        write_midi(target, paths["target"])
+    samples = []
+    for k, new in enumerate(result.new_tokens):
+        sfx = "" if args.num_samples == 1 else f"_{k}"
+        generated = tokenizer.decode(new)
+        if len(generated):
+            generated = generated.assign(start=generated["start"] + offset,
+                                         end=generated["end"] + offset)
+        write_midi(generated if len(generated) else _empty(), paths[f"generation{sfx}"])
+        combined = pd.concat([shown_prompt, generated], ignore_index=True) if len(generated) \
+            else shown_prompt
+        write_midi(combined, paths[f"combined{sfx}"])
+        title = (f"{task.task_name if task else 'continuation'} | T={args.temperature} "
+                 f"seed={args.seed} sample {k}")
+        pianoroll.prompt_and_generation(paths[f"pianoroll{sfx}"], shown_prompt, generated,
+                                        target, title)
+        seconds = float(generated["end"].max() - generated["start"].min()) if len(generated) \
+            else 0.0
+        samples.append({"ids": [int(t) for t in new], "tokens": int(len(new)),
+                        "notes": int(len(generated)), "seconds": seconds,
+                        "stopped": bool(result.stopped[k])})
+    summary = {"checkpoint": str(args.checkpoint), "step": ck.step, "prompt": described,
+               "task": task.task_name if task else None, "prompt_tokens": int(len(prompt_ids)),
+               "prompt_notes": int(len(shown_prompt)),
+               "tokens_per_second": result.tokens_per_second,
+               "compile_seconds": result.compile_seconds, "samples": samples,
+               "files": {k: str(v) for k, v in paths.items()}}
+    if target is not None:
+        summary["target_notes"] = int(len(target))
+    return summary
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({"pitch": np.zeros(0, np.int64), "velocity": np.zeros(0, np.int64),
+                         "start": np.zeros(0), "end": np.zeros(0)})
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    what = f"task {s['task']}" if s["task"] else "continuation"
+    print(f"{what} of {s['prompt']} with {s['checkpoint']} (step {s['step']})")
+    line = f"prompt: {s['prompt_notes']} notes, {s['prompt_tokens']} tokens"
+    if "target_notes" in s:
+        line += f"; original target: {s['target_notes']} notes"
+    print(line)
+    for k, smp in enumerate(s["samples"]):
+        end = "stopped at <EOGENAI>" if smp["stopped"] else "token budget reached"
+        print(f"sample {k}: {smp['tokens']} tokens -> {smp['notes']} notes, "
+              f"{smp['seconds']:.1f} s of music ({end})")
+    print(f"decoding: {s['tokens_per_second']:.1f} tokens/s (compile {s['compile_seconds']:.1f} s)")
+    print("wrote " + ", ".join(sorted({str(Path(p).parent) for p in s["files"].values()})) + ": "
+          + ", ".join(Path(p).name for p in s["files"].values()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        summary = run(args)
+    except GenerateError as e:
+        raise SystemExit(f"error: {e}") from None
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

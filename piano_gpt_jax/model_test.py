@@ -1,0 +1,102 @@
+"""The Flax GPT on its own: sizes, init, causality, time embedding, cached decoding, dtypes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from piano_gpt_jax.model import (
+    ModelConfig,
+    count_params,
+    forward,
+    forward_cached,
+    init_cache,
+    init_params,
+)
+
+TINY = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, context_size=12,
+                   use_time_embedding=True)
+_fwd = jax.jit(forward, static_argnums=0)
+
+
+def _param_count(cfg: ModelConfig) -> int:
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return count_params(shapes, include_position=False)
+
+
+@pytest.mark.parametrize("layers,heads,width,vocab,time,expected", [
+    (12, 8, 256, 1241, False, "9.76"),    # gpt2_10M at f37ac14 (millions, as the reference)
+    (12, 8, 256, 2265, True, "12.58"),    # gpt2_10M at HEAD (time embedding, 2048 specials)
+    (24, 16, 1024, 1241, False, "303.3"),  # gpt2_medium
+    (24, 16, 1024, 2265, True, "314.6"),   # gpt2_medium at HEAD
+])
+def test_parameter_counts_match_reference(layers, heads, width, vocab, time, expected):
+    cfg = ModelConfig(vocab_size=vocab, n_layer=layers, n_head=heads, n_embd=width,
+                      context_size=1024, use_time_embedding=time)
+    n = _param_count(cfg)
+    assert n == layers * (12 * width**2 + 2 * width) + vocab * width + width + 10_000 * width * time
+    decimals = len(expected.split(".")[1])
+    assert f"{n / 1e6:.{decimals}f}" == expected
+
+
+def test_init_statistics():
+    cfg = ModelConfig(vocab_size=300, n_layer=4, n_head=4, n_embd=64, context_size=64)
+    p = init_params(cfg, jax.random.key(0))
+    assert abs(float(p["wte"].std()) - 0.02) < 2e-3
+    assert abs(float(p["h_0"]["mlp"]["c_fc"]["kernel"].std()) - 0.02) < 2e-3
+    assert abs(float(p["h_0"]["mlp"]["c_proj"]["kernel"].std()) - 0.02 / 8**0.5) < 1e-3
+    assert abs(float(p["h_3"]["attn"]["c_proj"]["kernel"].std()) - 0.02 / 8**0.5) < 1e-3
+    assert np.array_equal(p["ln_f"]["scale"], np.ones(64)) and "bias" not in p["ln_f"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
+
+
+def test_causal_and_time_steps_clipped():
+    p = init_params(TINY, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 50)
+    steps = jnp.tile(jnp.arange(12) * 7, (2, 1))
+    base = _fwd(TINY, p, tokens, steps)
+    changed = _fwd(TINY, p, tokens.at[:, 8:].set(3), steps.at[:, 8:].set(0))
+    np.testing.assert_array_equal(base[:, :8], changed[:, :8])
+    assert not np.allclose(base[:, 8:], changed[:, 8:])
+    big = _fwd(TINY, p, tokens, steps.at[:, 5].set(20_000))
+    top = _fwd(TINY, p, tokens, steps.at[:, 5].set(9_999))
+    low = _fwd(TINY, p, tokens, steps.at[:, 5].set(-4))
+    zero = _fwd(TINY, p, tokens, steps.at[:, 5].set(0))
+    np.testing.assert_array_equal(big, top)
+    np.testing.assert_array_equal(low, zero)
+    with pytest.raises(ValueError, match="time_steps"):
+        forward(TINY, p, tokens)
+
+
+def test_cached_decoding_matches_full_forward():
+    p = init_params(TINY, jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(4), (1, 12), 0, 50)
+    steps = jnp.arange(12)[None] * 3
+    full = _fwd(TINY, p, tokens, steps)
+    cache = init_cache(TINY, 1)
+    logits, cache = forward_cached(TINY, p, tokens[:, :7], steps[:, :7], cache, 0)
+    np.testing.assert_allclose(logits, full[:, :7], atol=1e-5)
+    for t in range(7, 12):
+        logits, cache = forward_cached(TINY, p, tokens[:, t:t + 1], steps[:, t:t + 1], cache, t)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_low_precision_compute_stays_close():
+    p = init_params(TINY, jax.random.key(5))
+    tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, 50)
+    steps = jnp.zeros_like(tokens)
+    ref = _fwd(TINY, p, tokens, steps)
+    bf16 = ModelConfig(**{**TINY.to_dict(), "dtype": "bfloat16"})
+    out = _fwd(bf16, p, tokens, steps)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        ModelConfig(vocab_size=10, n_layer=1, n_head=3, n_embd=16, context_size=8)
+    with pytest.raises(ValueError, match="dtype"):
+        ModelConfig(vocab_size=10, n_layer=1, n_head=2, n_embd=16, context_size=8, dtype="fp8")
+    assert ModelConfig.from_dict({**TINY.to_dict(), "unknown": 1}) == TINY

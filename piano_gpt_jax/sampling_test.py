@@ -1,0 +1,168 @@
+"""Cached sampler: token for token equal to greedy full-forward decoding; filters by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from piano_gpt_jax import sampling
+from piano_gpt_jax.model import ModelConfig, forward, init_params
+from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = ExponentialTimeTokenizer.build(
+        {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 8})
+    tok.add_special_tokens(["<GENAI>", "<EOGENAI>"])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer, maestro_dir):
+    from piano_gpt_jax.data.midi_io import read_midi
+
+    df = read_midi(sorted(maestro_dir.glob("*.mid"))[1])
+    genai = tokenizer.token_to_id["<GENAI>"]
+    first = tokenizer.encode(df.iloc[:6].assign(start=df.start - df.start[0],
+                                                end=df.end - df.start[0]))
+    second = tokenizer.encode(df.iloc[6:14].assign(start=df.start - df.start[6],
+                                                   end=df.end - df.start[6]))
+    return [np.append(first[:19], genai), np.append(second[:26], genai)]
+
+
+def _model(tokenizer, time_embedding: bool, seed: int):
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                      context_size=CTX, use_time_embedding=time_embedding)
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    # A fresh model mostly repeats its input (tied embeddings); sharper weights give varied
+    # greedy paths, so that equality below means something.
+    sharpen = lambda path, x: x * 5 if "kernel" in jax.tree_util.keystr(path) else x
+    params = jax.tree_util.tree_map_with_path(sharpen, params)
+    params["wpe"] = params["wpe"] * 5
+    return cfg, params
+
+
+def reference_greedy(cfg, params, tokenizer, prompt, n_new, keep, stop_id=-1):
+    """The reference's way: a full forward pass per token over the visible window.
+
+    The window is the history from `offset`; when it would exceed the context, it restarts with
+    the newest `keep` tokens (keep == context_size is the reference's crop-to-last-context).
+    Time steps come from the full history (tokenizer.time_steps).
+    """
+    fwd = jax.jit(forward, static_argnums=0)
+    hist = list(int(t) for t in prompt)
+    offset = max(0, len(hist) - cfg.context_size)
+    new = []
+    for _ in range(n_new):
+        window = hist[offset:]
+        steps = tokenizer.time_steps(hist)[offset:]
+        pad = cfg.context_size - len(window)  # right padding is invisible to causal attention
+        tok = jnp.asarray([window + [0] * pad], jnp.int32)
+        st = jnp.asarray([list(steps) + [0] * pad], jnp.int32)
+        logits = fwd(cfg, params, tok, st if cfg.use_time_embedding else None)
+        nxt = int(jnp.argmax(logits[0, len(window) - 1]))
+        new.append(nxt)
+        hist.append(nxt)
+        if nxt == stop_id:
+            break
+        if len(hist) - offset > cfg.context_size:
+            offset = len(hist) - keep
+    return np.array(new)
+
+
+def test_greedy_cache_equals_full_forward_past_the_context(tokenizer, prompts):
+    cfg, params = _model(tokenizer, time_embedding=False, seed=0)
+    greedy = sampling.SamplingSettings(temperature=0.0, max_new_tokens=40, window_keep=CTX,
+                                       stop_at_eos=False)
+    out = sampling.generate(cfg, params, [prompts[0]], greedy)
+    expected = reference_greedy(cfg, params, tokenizer, prompts[0], 40, keep=CTX)
+    assert len(prompts[0]) + 40 > 2 * CTX - 10  # well past the context
+    np.testing.assert_array_equal(out.new_tokens[0], expected)
+    assert len(set(expected.tolist())) > 5
+
+
+def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
+    cfg, params = _model(tokenizer, time_embedding=True, seed=1)
+    settings = sampling.SamplingSettings(temperature=0.0, max_new_tokens=45, stop_at_eos=False)
+    tables = sampling.token_tables(tokenizer.vocab)
+    out = sampling.generate(cfg, params, prompts, settings, tables)  # lengths 20 and 27
+    for row, prompt in enumerate(prompts):
+        expected = reference_greedy(cfg, params, tokenizer, prompt, 45, keep=CTX // 2)
+        np.testing.assert_array_equal(out.new_tokens[row], expected)
+    assert not out.stopped.any()
+
+    # stop per row on a token row 0 emits early: that row ends there, the other goes on
+    stop = int(out.new_tokens[0][2])
+    stop_tables = dataclasses.replace(tables, stop_id=stop)
+    first_hit = int(np.flatnonzero(out.new_tokens[0] == stop)[0])
+    stopped = sampling.generate(cfg, params, prompts,
+                                dataclasses.replace(settings, stop_at_eos=True), stop_tables)
+    np.testing.assert_array_equal(stopped.new_tokens[0], out.new_tokens[0][:first_hit + 1])
+    assert stopped.stopped[0]
+    hits = np.flatnonzero(out.new_tokens[1] == stop)
+    n1 = hits[0] + 1 if len(hits) else 45
+    np.testing.assert_array_equal(stopped.new_tokens[1], out.new_tokens[1][:n1])
+
+
+def test_prompt_time_steps_match_tokenizer(tokenizer, prompts):
+    tables = sampling.token_tables(tokenizer.vocab)
+    ids = np.concatenate([prompts[0], prompts[1][:10]])  # a <GENAI> restart in the middle
+    steps, counter = sampling.prompt_time_steps(tables, ids)
+    np.testing.assert_array_equal(steps, tokenizer.time_steps(ids))
+    assert counter == max(1, int(tokenizer.time_steps(ids)[-1]))
+
+
+def test_budget_and_no_recompile_for_new_settings(tokenizer, prompts):
+    cfg, params = _model(tokenizer, time_embedding=False, seed=2)
+    a = sampling.generate(cfg, params, [prompts[1]],
+                          sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3))
+    assert len(a.new_tokens[0]) <= 9
+    b = sampling.generate(cfg, params, [prompts[1]],
+                          sampling.SamplingSettings(temperature=0.7, top_k=5, top_p=0.9,
+                                                    min_p=0.05, max_new_tokens=7, seed=4))
+    assert b.compile_seconds == 0.0  # same shapes: sampling values are runtime arguments
+    assert len(b.new_tokens[0]) == 7
+    c = sampling.generate(cfg, params, [prompts[1]],
+                          sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3))
+    np.testing.assert_array_equal(a.new_tokens[0], c.new_tokens[0])  # seeded
+
+
+def test_filters_on_hand_made_logits():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    inf = -np.inf
+
+    def kept(top_k=0, top_p=1.0, min_p=0.0):
+        out = np.asarray(sampling.filter_logits(logits, top_k, top_p, min_p))
+        return np.isfinite(out[0]).tolist()
+
+    assert kept() == [True, True, True, True]
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]  # .5 < .7 so .3 joins; .8 >= .7
+    assert kept(top_p=0.5) == [True, False, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(min_p=0.4) == [True, True, False, False]  # threshold .4 * .5 = .2
+    assert kept(min_p=0.11) == [True, True, True, False]  # threshold .055 drops .05
+    # top-k renormalises before top-p: (.5,.3,.15)/.95 -> .526, .842 -> third dropped at .8
+    assert kept(top_k=3, top_p=0.8) == [True, True, False, False]
+    np.testing.assert_allclose(np.asarray(sampling.filter_logits(logits, 1, 1.0, 0.0))[0, 1:],
+                               [inf, inf, inf])
+
+
+def test_sampling_frequencies_follow_the_filtered_softmax():
+    probs = np.array([0.45, 0.3, 0.15, 0.1])
+    logits = jnp.tile(jnp.log(jnp.asarray(probs)), (4000, 1))
+    draws = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 1.0, 2, 1.0, 0.0))
+    assert set(draws.tolist()) <= {0, 1}
+    assert abs((draws == 0).mean() - 0.6) < 0.03  # .45 / .75, binomial sd ~ .008
+    greedy = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 0.0, 0, 1.0, 0.0))
+    assert (greedy == 0).all()
+    hot = np.asarray(sampling.sample_logits(jax.random.PRNGKey(1), logits, 2.0, 0, 1.0, 0.0))
+    # temperature 2 flattens: p ~ sqrt(p); frequency of id 3 = .316 / 1.87 ~ .17
+    assert abs((hot == 3).mean() - np.sqrt(0.1) / np.sqrt(probs).sum()) < 0.03
