@@ -146,7 +146,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
     """A few-minute CPU run on the built-in dataset whose validation loss visibly falls."""
-    c.stage = "next_token_pretraining"
     c.model.n_layer = 4
     c.model.n_head = 4
     c.model.n_embd = 128

@@ -119,6 +119,19 @@ def resolve_task(name: str):
     return tasks[0]
 
 
+def trained_notes_per_record(metadata: dict) -> int | None:
+    """notes_per_record of the run that made a checkpoint: prompts longer than the records a
+    model trained on push it past the contexts it has seen."""
+    run_config = (metadata or {}).get("run_config") or {}
+    for section in ("data", "training"):  # ours (flat or nested), then the reference's
+        value = run_config.get(f"{section}.notes_per_record")
+        if value is None and isinstance(run_config.get(section), dict):
+            value = run_config[section].get("notes_per_record")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
     """(notes, description, dataset token, composer token) of --prompt-midi / --prompt-dataset."""
     from piano_gpt_jax.data import pieces
@@ -169,9 +182,9 @@ def build_parser(prog: str = "python -m piano_gpt_jax.generate") -> argparse.Arg
     ap.add_argument("--dataset", help="dataset for --prompt-dataset (default: the run's)")
     ap.add_argument("--prompt-seconds", type=float, default=None,
                     help="keep the notes starting in the first N seconds")
-    ap.add_argument("--prompt-notes", type=int, default=128,
-                    help="keep at most N notes (default 128; the model's training records "
-                         "hold notes_per_record notes)")
+    ap.add_argument("--prompt-notes", type=int, default=None,
+                    help="keep at most N notes (default: the run's data.notes_per_record, the "
+                         "length of the records it trained on, else 128)")
     ap.add_argument("--composer-token", help="e.g. <CHOPIN> (default: from the record, or "
                                              "<UNKNOWN_COMPOSER>)")
     ap.add_argument("--task", help="a PIANO task name, e.g. top_line_masking-x1")
@@ -249,7 +262,8 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                             f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
 
     raw, described, dataset_token, composer_token = load_prompt_notes(args, ck)
-    notes = crop_notes(raw, args.prompt_seconds, args.prompt_notes)
+    max_notes = args.prompt_notes or trained_notes_per_record(ck.metadata) or 128
+    notes = crop_notes(raw, args.prompt_seconds, max_notes)
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
     if task is not None:
