@@ -20,6 +20,7 @@ combined.mid (prompt + generation), for --task also target.mid, and pianoroll.pn
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,7 +205,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _outputs(out: Path, n: int, task: bool) -> dict[str, Path]:
-    names = {"prompt": "prompt.mid"}
+    names = {"prompt": "prompt.mid", "ids": "generation.json"}
     if task:
         names["target"] = "target.mid"
     for k in range(n):
@@ -309,6 +310,8 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                "files": {k: str(v) for k, v in paths.items()}}
     if target is not None:
         summary["target_notes"] = int(len(target))
+    # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
+    paths["ids"].write_text(json.dumps({**summary, "prompt_ids": [int(t) for t in prompt_ids]}))
     return summary
 
 
