@@ -14,6 +14,7 @@ from typing import Any
 
 STAGES = ("next_token_pretraining", "piano_task")
 LOSS_MASKINGS = ("pretraining", "finetuning")
+PROMPT_LAYOUTS = ("auto", "head", "f37ac14")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 DDP_BACKENDS = {"auto": "auto", "nccl": "auto", "gloo": "auto",
@@ -50,6 +51,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "data.context_size": ((int,), 2048),
     "data.notes_per_record": ((int,), 128),
     "data.eval_splits": ((str, *_SEQ), "auto"),
+    "data.prompt_layout": ((str,), "auto"),
     "dataset.base_dataset_name": ((str,), "epr-labs/maestro-sustain-v2"),
     "dataset.extra_datasets": (_SEQ, ()),
     "dataset.pause_detection_threshold": (_NUM, 4.0),
@@ -244,6 +246,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
 
     _one_of("stage", v["stage"], STAGES)
     _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
+    _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
     _one_of("system.dtype", v["system.dtype"], DTYPES)
     device = v["system.device"].split(":", 1)[0]
     if device not in DEVICES:
@@ -326,6 +329,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
             "n_special_ids": v["tokenizer.n_special_ids"],
         },
         "eval_splits": splits,
+        "prompt_layout": v["data.prompt_layout"],
     }
     raw = {key: (list(val) if isinstance(val, tuple) else val) for key, val in v.items()}
     return TrainConfig(

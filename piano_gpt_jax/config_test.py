@@ -29,6 +29,10 @@ def test_full_recipe_and_tiny_preset_values():
     assert full.data_kwargs["context_size"] == 2048 and full.data_kwargs["tasks"] == "piano_default"
     tiny = build_train_config(get_config("tiny"))
     assert tiny.platform == "cpu" and tiny.data_kwargs["base_dataset_name"] == "builtin"
+    assert full.data_kwargs["prompt_layout"] == "auto"
+    cfg = get_config("tiny")
+    cfg.data.prompt_layout = "f37ac14"
+    assert build_train_config(cfg).data_settings().prompt_layout == "f37ac14"
 
 
 def test_lr_decay_iters_follows_max_iters():
@@ -69,7 +73,7 @@ def test_data_context_within_model_context():
     ("stage", "pretrain", "stage"), ("loss_masking", "all", "loss_masking"),
     ("system.dtype", "fp16", "system.dtype"), ("system.device", "mps", "system.device"),
     ("ddp.backend", "mpi", "ddp.backend"), ("lr.min_lr", 1.0, "lr.min_lr"),
-    ("data.eval_splits", (), "eval_splits"),
+    ("data.eval_splits", (), "eval_splits"), ("data.prompt_layout", "f37", "prompt_layout"),
 ])
 def test_bad_values(key, value, expect):
     group, _, leaf = key.rpartition(".")

@@ -3,7 +3,9 @@
     python -m piano_gpt_jax.evaluate --checkpoint RUN_DIR_OR.pt [--dataset NAME] [--split full_val]
         [--n-examples 16] [--temperature 1.0] [--top-k K] [--seed 0] [--out-dir DIR] [--wandb]
 
-As the reference's piano_eval: prompt = everything up to and including <GENAI>; the generated
+As the reference's piano_eval: prompt = everything up to and including <GENAI>, in the prompt
+layout the checkpoint's vocabulary was made for (head, or f37ac14 for reference f37ac14
+checkpoints; see data.pipeline.resolve_prompt_layout); the generated
 notes are cropped to start before the target's last end (the model's own <EOGENAI> also stops
 it here); metrics are averaged per task and over all tasks ("all"). Unlike the reference, an
 empty generation is scored rather than skipped (F1 0, distances against an all-zero histogram),
@@ -228,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.n_examples, args.temperature, args.top_k, args.seed)
     seconds = time.perf_counter() - t0
     print(f"PIANO-task metrics of {path} (step {ck.step}), {args.n_examples} prompts per split, "
-          f"temperature {args.temperature}, {seconds:.1f} s")
+          f"{pipeline.prompt_layout} prompt layout, temperature {args.temperature}, "
+          f"{seconds:.1f} s")
     print(format_tables(results))
 
     out_dir = Path(args.out_dir) if args.out_dir else run_dir_of(path)

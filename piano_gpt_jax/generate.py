@@ -9,8 +9,11 @@ Without --task the model continues the prompt: `[dataset, composer] + ET(prompt)
 notes are placed after the prompt's last event. With --task (a PIANO task name such as
 top_line_masking-x1) the prompt notes are split by the task as in training, the prompt is
 `[dataset, composer, <N_NOTES_k>] + task tokens + [<MUSIC_TIME_a>, <MUSIC_TIME_b>] + ET(source)
-+ <GENAI>`, and the generated notes share the prompt's clock (the task's answer is laid over the
-source); the removed target notes are written too, for comparison.
++ <GENAI>` (the head layout), or `[dataset, composer] + task tokens + ET(source) + <GENAI>` for a
+checkpoint whose vocabulary has no <MUSIC_TIME_*> tokens (the f37ac14 layout it was trained on),
+and the generated notes share the prompt's clock (the task's answer is laid over the source); the
+removed target notes are written too, for comparison. Continuation prompts are the same in both
+layouts.
 
 Writes into OUT_DIR: prompt.mid, generation.mid (generation_<k>.mid for several samples),
 combined.mid (prompt + generation), for --task also target.mid, and pianoroll.png
@@ -77,9 +80,20 @@ def continuation_prompt(tokenizer, notes: pd.DataFrame, dataset_token: str,
     return np.concatenate([tokenizer.encode_tokens(head), tokenizer.encode(notes)]).astype(np.int32)
 
 
+def prompt_layout_of(tokenizer) -> str:
+    """The prompt layout a checkpoint's vocabulary was trained on; nothing is added to it here
+    (a token without trained embeddings would only confuse the model), so an f37ac14-era
+    vocabulary always means the f37ac14 layout."""
+    from piano_gpt_jax.data.records import detect_prompt_layout
+
+    return detect_prompt_layout(tokenizer)
+
+
 def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
-                composer_token: str) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
-    """(prompt ids ending in <GENAI>, source notes, target notes), laid out as in training."""
+                composer_token: str, layout: str | None = None,
+                ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """(prompt ids ending in <GENAI>, source notes, target notes), laid out as in training;
+    `layout` None = detected from the vocabulary (prompt_layout_of)."""
     from piano_gpt_jax.data.records import GENAI, music_time_token, n_notes_token
 
     split = task.split({k: notes[k].to_numpy() for k in ("pitch", "velocity", "start", "end")})
@@ -87,10 +101,14 @@ def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
     if len(target) == 0:
         raise GenerateError(f"task {task.task_name} leaves no target notes in this prompt; use "
                             "more prompt notes or another task")
+    layout = layout or prompt_layout_of(tokenizer)
     head = _optional_prefix(tokenizer, [dataset_token, composer_token])
-    head += [n_notes_token(len(target)), *split.prefix_tokens,
-             music_time_token(float(target["start"].min())),
-             music_time_token(float(target["start"].max()))]
+    if layout == "f37ac14":
+        head += [*split.prefix_tokens]
+    else:
+        head += [n_notes_token(len(target)), *split.prefix_tokens,
+                 music_time_token(float(target["start"].min())),
+                 music_time_token(float(target["start"].max()))]
     ids = np.concatenate([_token_ids(tokenizer, head, f"task {task.task_name} prompt tokens"),
                           tokenizer.encode(source),
                           _token_ids(tokenizer, [GENAI], "the generation marker")])
@@ -303,7 +321,8 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                         "notes": int(len(generated)), "seconds": seconds,
                         "stopped": bool(result.stopped[k])})
     summary = {"checkpoint": str(args.checkpoint), "step": ck.step, "prompt": described,
-               "task": task.task_name if task else None, "prompt_tokens": int(len(prompt_ids)),
+               "task": task.task_name if task else None,
+               "prompt_layout": prompt_layout_of(tokenizer), "prompt_tokens": int(len(prompt_ids)),
                "prompt_notes": int(len(shown_prompt)),
                "tokens_per_second": result.tokens_per_second,
                "compile_seconds": result.compile_seconds, "samples": samples,

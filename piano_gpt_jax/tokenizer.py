@@ -215,6 +215,17 @@ class ExponentialTimeTokenizer:
 
     # ------------------------------------------------------------------ properties
     @property
+    def free_special_slots(self) -> int:
+        """How many new special tokens add_special_tokens can still take (the run of placeholders
+        from first_placeholder_id; the vocab size is fixed, so this is all the room there is)."""
+        n = 0
+        for tok in self.vocab[self.first_placeholder_id:]:
+            if not tok.startswith(PLACEHOLDER_PREFIX):
+                break
+            n += 1
+        return n
+
+    @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 

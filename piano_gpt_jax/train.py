@@ -287,7 +287,9 @@ def train(cfg: TrainConfig) -> dict:
     run_log.note(f"model: {n_params / 1e6:.2f}M params ({source}); vocab {tokenizer.vocab_size}; "
                  f"{n_devices} x {device_kind}; global batch {settings.batch_size} x {gas} x "
                  f"{settings.context_size} tokens; dtype {cfg.dtype}; "
-                 f"eval splits {pipeline.eval_split_names}")
+                 f"eval splits {pipeline.eval_split_names}"
+                 + (f"; prompt layout {pipeline.prompt_layout}"
+                    if settings.stage == "piano_task" else ""))
     if resume_step is not None:
         run_log.note(f"resumed from {out_dir}/checkpoints/{resume_step}")
 

@@ -15,15 +15,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from piano_gpt_jax.data import loader
+from piano_gpt_jax.data import loader, pieces
 from piano_gpt_jax.data.records import (
     EOGENAI,
     GENAI,
+    PROMPT_LAYOUTS,
     Augmentation,
     NextTokenRecords,
     PianoTaskRecords,
     PieceStore,
-    music_special_tokens,
+    detect_prompt_layout,
+    layout_prefix_tokens,
 )
 from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
 from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
@@ -58,6 +60,7 @@ class DataSettings:
     use_time_steps: bool = False
     tokenizer_config: dict = field(default_factory=lambda: dict(DEFAULT_TOKENIZER_CONFIG))
     eval_splits: Any = "auto"
+    prompt_layout: str = "auto"  # "auto" | "head" | "f37ac14" (see resolve_prompt_layout)
     shard_index: int = field(default_factory=jax.process_index)
     shard_count: int = field(default_factory=jax.process_count)
 
@@ -67,6 +70,11 @@ class DataSettings:
         if self.loss_masking not in ("pretraining", "finetuning"):
             raise ValueError(
                 f"loss_masking must be 'pretraining' or 'finetuning', got {self.loss_masking!r}"
+            )
+        if self.prompt_layout not in ("auto", *PROMPT_LAYOUTS):
+            raise ValueError(
+                f"prompt_layout must be one of {('auto', *PROMPT_LAYOUTS)}, got "
+                f"{self.prompt_layout!r}"
             )
         if self.batch_size % self.shard_count:
             raise ValueError(
@@ -90,24 +98,96 @@ class DataSettings:
         return Augmentation(int(self.max_pitch_shift), tuple(self.speed_change_factors))
 
 
-def required_special_tokens(settings: DataSettings) -> list[str]:
+def _max_n_notes(settings: DataSettings) -> int:
+    return max(settings.notes_per_record, REFERENCE_MAX_N_NOTES)
+
+
+def resolve_prompt_layout(
+    settings: DataSettings, tokenizer: ExponentialTimeTokenizer, fresh: bool = False
+) -> str:
+    """The prompt layout of these settings with this tokenizer.
+
+    An explicit data.prompt_layout wins. "auto" means head for a fresh vocabulary, and for a
+    checkpoint's vocabulary whatever it was made for (records.detect_prompt_layout): a
+    reference f37ac14 checkpoint (no <MUSIC_TIME_0>, no room for the MusicManager tokens) can
+    only be fine-tuned on the layout it was trained on.
+    """
+    if settings.prompt_layout != "auto":
+        return settings.prompt_layout
+    if fresh:
+        return "head"
+    return detect_prompt_layout(tokenizer, _max_n_notes(settings))
+
+
+def required_special_tokens(settings: DataSettings, layout: str = "head") -> list[str]:
     """Special tokens the records of these settings use, in the order a fresh vocab gets them."""
-    tokens = music_special_tokens(max(settings.notes_per_record, REFERENCE_MAX_N_NOTES))
+    tokens = layout_prefix_tokens(layout, _max_n_notes(settings))
     if settings.stage == "piano_task":
-        tokens += task_special_tokens(resolve_tasks(settings.tasks)) + [GENAI, EOGENAI]
+        tokens += task_special_tokens(resolve_tasks(settings.tasks)) + [GENAI]
+        if layout == "head":
+            tokens.append(EOGENAI)
     return tokens
+
+
+def _describe_tokens(tokens: list[str], settings: DataSettings) -> str:
+    """'169 <N_NOTES_*>, 1201 <MUSIC_TIME_*>, <EOGENAI>': a token list by role, short enough
+    for an error message."""
+    roles = {t: "dataset" for t in pieces.DATASET_TOKENS}
+    roles.update({t: "composer" for t in pieces.COMPOSER_TOKENS})
+    if settings.stage == "piano_task":
+        roles.update({t: "task" for t in task_special_tokens(resolve_tasks(settings.tasks))})
+    groups: dict[str, int] = {}
+    for t in tokens:
+        head, sep, tail = t.rpartition("_")
+        if t in roles:
+            key = f"{roles[t]} tokens"
+        elif sep and tail.rstrip(">").isdigit():
+            key = f"{head}_*>"
+        else:
+            key = t
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(k if n == 1 and k.startswith("<") else f"{n} {k}" for k, n in groups.items())
 
 
 def build_tokenizer(
     settings: DataSettings, tokenizer_desc: dict | None = None
 ) -> ExponentialTimeTokenizer:
-    """From the checkpoint's desc when given (ids kept), else fresh from the config; then any
-    missing special tokens these settings need take the next placeholder slots."""
-    if tokenizer_desc is not None:
-        tok = ExponentialTimeTokenizer.from_dict(tokenizer_desc)
-    else:
+    """From the checkpoint's desc when given (ids kept), else fresh from the config; then the
+    special tokens the prompt layout needs and the vocab lacks take the next placeholder slots
+    (f37ac14: dataset/composer, task tokens, <GENAI>; head: also N_NOTES, MUSIC_TIME, <EOGENAI>).
+    When they do not fit, one error says how many slots are free and what would need them,
+    instead of failing on whichever token happened to overflow."""
+    fresh = tokenizer_desc is None
+    if fresh:
         tok = ExponentialTimeTokenizer.build(settings.tokenizer_config)
-    tok.add_special_tokens(required_special_tokens(settings))
+    else:
+        tok = ExponentialTimeTokenizer.from_dict(tokenizer_desc)
+    layout = resolve_prompt_layout(settings, tok, fresh)
+    needed = required_special_tokens(settings, layout)
+    missing = list(dict.fromkeys(t for t in needed if t not in tok.token_to_id))
+    free = tok.free_special_slots
+    if len(missing) > free:
+        n_special = tok.tokenizer_config.get("n_special_ids")
+        where = (
+            f"a fresh tokenizer with n_special_ids={n_special}" if fresh
+            else f"the checkpoint's tokenizer (vocab_size {tok.vocab_size}, n_special_ids "
+                 f"{n_special})"
+        )
+        if fresh:
+            fix = "raise tokenizer.n_special_ids" + (
+                " (or set data.prompt_layout='f37ac14', which needs no N_NOTES/MUSIC_TIME "
+                "tokens)" if layout == "head" else "")
+        elif layout == "head" and "<MUSIC_TIME_0>" not in tok.token_to_id:
+            fix = ("this looks like a reference f37ac14 checkpoint: use data.prompt_layout="
+                   "'f37ac14' (or 'auto'), or fewer tasks")
+        else:
+            fix = "use fewer tasks, or a checkpoint whose tokenizer has more free slots"
+        raise ValueError(
+            f"{where} has {free} free special-token slots, but the {layout!r} prompt layout "
+            f"(stage={settings.stage!r}, tasks={settings.tasks!r}) needs {len(missing)} new "
+            f"tokens: {_describe_tokens(missing, settings)}. To fix: {fix}."
+        )
+    tok.add_special_tokens(missing)
     return tok
 
 
@@ -142,11 +222,14 @@ class DataPipeline:
         self.settings = settings
         self.tokenizer = tokenizer
         s = settings
-        missing = [t for t in required_special_tokens(s) if t not in tokenizer.token_to_id]
+        self.prompt_layout = resolve_prompt_layout(s, tokenizer)
+        needed = required_special_tokens(s, self.prompt_layout)
+        missing = [t for t in needed if t not in tokenizer.token_to_id]
         if missing:
             raise ValueError(
-                f"tokenizer lacks {len(missing)} special tokens these settings need (e.g. "
-                f"{missing[:3]}); build it with data.pipeline.build_tokenizer"
+                f"tokenizer lacks {len(missing)} special tokens these settings need for the "
+                f"{self.prompt_layout!r} prompt layout (e.g. {missing[:3]}); build it with "
+                "data.pipeline.build_tokenizer"
             )
         self.tasks = resolve_tasks(s.tasks) if s.stage == "piano_task" else []
         base = _load_dataset(s.base_dataset_name, ("validation",))
@@ -189,7 +272,7 @@ class DataPipeline:
         if s.stage == "piano_task":
             return PianoTaskRecords(
                 store, self.tokenizer, self.tasks, s.notes_per_record, s.context_size,
-                s.loss_masking, s.use_time_steps,
+                s.loss_masking, s.use_time_steps, self.prompt_layout,
             )
         return NextTokenRecords(store, self.tokenizer, s.context_size, s.use_time_steps)
 
@@ -254,7 +337,8 @@ class DataPipeline:
     def eval_examples(self, split: str, n: int) -> list[dict[str, Any]]:
         """Prompts and targets for generation-based evaluation (piano_task stage; [] otherwise).
 
-        prompt_ids end with <GENAI>; target_ids are the target's note tokens (no <EOGENAI>)."""
+        prompt_ids end with <GENAI> and follow the pipeline's prompt layout; target_ids are the
+        target's note tokens (no <EOGENAI>)."""
         recs = self._records_for(split)
         if not isinstance(recs, PianoTaskRecords):
             return []
@@ -274,6 +358,7 @@ class DataPipeline:
     def summary(self) -> dict[str, Any]:
         st = self.train_store
         return {
+            "prompt_layout": self.prompt_layout,
             "train_pieces": st.n_pieces,
             "train_notes": st.n_notes,
             "train_records": len(self.train_records),

@@ -110,7 +110,74 @@ def test_no_usable_records_gives_one_clear_message(patched):
         make_pipeline(s, build_tokenizer(s))
 
 
+def f37ac14_desc(tasks="piano_default"):
+    """The tokenizer_desc of a reference f37ac14 checkpoint: n_special_ids 1024, vocab 1241,
+    dataset and composer tokens, the task tokens and <GENAI> only."""
+    from piano_gpt_jax.data import pieces
+    from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
+    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+    tok = ExponentialTimeTokenizer.build(dict(pipeline.DEFAULT_TOKENIZER_CONFIG,
+                                              n_special_ids=1024))
+    tok.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS])
+    tok.add_special_tokens(task_special_tokens(resolve_tasks(tasks)) + ["<GENAI>"])
+    assert tok.vocab_size == 1241
+    return tok.to_dict()
+
+
+def test_f37ac14_checkpoint_tokenizer_is_detected_and_keeps_its_ids():
+    desc = f37ac14_desc("top_line")
+    vocab = desc["parameters"]["lexicon"]["vocab"]
+    s = settings(tasks="piano_default")
+    assert pipeline.resolve_prompt_layout(s, build_tokenizer(s)) == "head"  # fresh: head
+    tok = build_tokenizer(s, desc)  # auto: the checkpoint's own layout
+    assert pipeline.resolve_prompt_layout(s, tok) == "f37ac14"
+    assert tok.vocab_size == 1241 and "<MUSIC_TIME_0>" not in tok.token_to_id
+    assert "<EOGENAI>" not in tok.token_to_id and "<N_NOTES_0>" not in tok.token_to_id
+    n_old = desc["parameters"]["first_placeholder_id"]
+    assert tok.vocab[:n_old] == vocab[:n_old]  # only the new task tokens were added, after
+    assert tok.token_to_id["<CHORD_MASK>"] >= n_old
+    # A fresh run may ask for the f37ac14 layout too; its vocab then lacks the MusicManager time
+    # tokens, and a tokenizer built that way detects as f37ac14.
+    fresh = build_tokenizer(settings(prompt_layout="f37ac14"))
+    assert "<GENAI>" in fresh.token_to_id and "<MUSIC_TIME_0>" not in fresh.token_to_id
+    assert "<EOGENAI>" not in fresh.token_to_id
+
+
+def test_layout_that_does_not_fit_names_free_slots_and_needs():
+    with pytest.raises(ValueError) as err:
+        build_tokenizer(settings(prompt_layout="head"), f37ac14_desc())
+    msg = str(err.value)
+    assert "979 free special-token slots" in msg and "needs 1371 new tokens" in msg
+    assert "169 <N_NOTES_*>, 1201 <MUSIC_TIME_*>, <EOGENAI>" in msg
+    assert "data.prompt_layout='f37ac14'" in msg
+    small = dict(pipeline.DEFAULT_TOKENIZER_CONFIG, n_special_ids=1024)
+    with pytest.raises(ValueError, match="fresh tokenizer.*1024 free.*raise tokenizer.n_special"):
+        build_tokenizer(settings(tokenizer_config=small))
+
+
+def test_f37ac14_pipeline_records_and_eval_examples(patched):
+    s = settings(loss_masking="finetuning", notes_per_record=24, tasks="top_line")
+    tok = build_tokenizer(s, f37ac14_desc("top_line"))
+    p = make_pipeline(s, tok)
+    assert p.prompt_layout == "f37ac14" and p.summary()["prompt_layout"] == "f37ac14"
+    genai = tok.token_to_id["<GENAI>"]
+    task_ids = {tok.token_to_id[t] for t in ("<PARAMETRIC_TOP_LINE>", "<PARAMETER_1>",
+                                              "<PARAMETER_2>", "<PARAMETER_3>")}
+    for e in p.eval_examples("full_val", 3):
+        prompt = e["prompt_ids"]
+        assert prompt[-1] == genai and tok.vocab[prompt[0]] == "<MAESTRO>"
+        assert tok.vocab[prompt[1]] in ("<CHOPIN>", "<BACH>", "<MOZART>", "<LISZT>")
+        assert set(prompt[2:4].tolist()) <= task_ids  # the task prefix right after composer
+        assert tok.vocab[prompt[4]].startswith(("VELOCITY_", "NOTE_", "1T", "2T", "4T", "8T",
+                                                "16T", "32T", "64T"))
+    batch = p.eval_batches("full_val", 1)[0]
+    assert batch["tokens"].max() < 1241
+
+
 def test_settings_are_validated():
+    with pytest.raises(ValueError, match="prompt_layout"):
+        settings(prompt_layout="legacy")
     with pytest.raises(ValueError, match="stage"):
         settings(stage="pretrain")
     with pytest.raises(ValueError, match="divisible"):

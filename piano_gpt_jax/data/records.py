@@ -8,11 +8,15 @@ Two record kinds, chosen by `stage`:
   its note) up to the last full window; a piece shorter than the context gives one padded record.
   Augmentation here is pitch shift only (done on ids); speed change would need re-tokenizing.
 * piano_task: a record is `notes_per_record` consecutive notes of a piece, shifted to start at 0,
-  split by one task into source and target, laid out as piano-gpt HEAD does:
-  `[dataset, composer, <N_NOTES_k>] + task prefix + [<MUSIC_TIME_a>, <MUSIC_TIME_b>] + ET(source)
-  + <GENAI> + ET(target) + <EOGENAI>`, cut to context_size + 1 and right-padded. The task is
-  applied to the whole window (the f37ac14 scheme, not HEAD's random inner windows). Record index
-  = window * n_tasks + task, as the reference.
+  split by one task into source and target, in one of two prompt layouts:
+  - "head" (piano-gpt HEAD): `[dataset, composer, <N_NOTES_k>] + task prefix + [<MUSIC_TIME_a>,
+    <MUSIC_TIME_b>] + ET(source) + <GENAI> + ET(target) + <EOGENAI>`;
+  - "f37ac14" (what reference checkpoints of commit f37ac14 were trained on, reference 4.6):
+    `[dataset, composer] + task prefix + ET(source) + <GENAI> + ET(target)`; their vocabulary
+    has no N_NOTES/MUSIC_TIME/<EOGENAI> tokens and usually no room for the 1,395 of them.
+  Either is cut to context_size + 1 and right-padded. The task is applied to the whole window
+  (the f37ac14 scheme, not HEAD's random inner windows). Record index = window * n_tasks + task,
+  as the reference.
 
 Augmentation (training only, from an RNG seeded by the caller per example): a pitch shift drawn
 uniformly from the shifts in [-max_pitch_shift, max_pitch_shift] that keep every note in 21..108
@@ -47,6 +51,45 @@ def music_time_token(t: float) -> str:
     """Absolute time token at 100 ms resolution, clipped at 120 s (NaN -> 0), as MusicManager."""
     t = 0.0 if t is None or not np.isfinite(t) else min(float(t), MAX_MUSIC_TIME_S)
     return f"<MUSIC_TIME_{int(10 * round(t, 1))}>"
+
+
+PROMPT_LAYOUTS = ("head", "f37ac14")
+
+
+def check_prompt_layout(layout: str) -> str:
+    if layout not in PROMPT_LAYOUTS:
+        raise ValueError(f"prompt layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def layout_prefix_tokens(layout: str, max_n_notes: int) -> list[str]:
+    """The record-prefix tokens a layout needs, in the order a fresh vocab gets them: f37ac14
+    only has the dataset and composer tokens; head adds N_NOTES and MUSIC_TIME."""
+    if check_prompt_layout(layout) == "f37ac14":
+        return [*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS]
+    return music_special_tokens(max_n_notes)
+
+
+def detect_prompt_layout(
+    tokenizer: ExponentialTimeTokenizer, max_n_notes: int | None = None
+) -> str:
+    """The layout a (checkpoint's) tokenizer was made for.
+
+    A vocabulary holding <MUSIC_TIME_0> was built for the head layout. One holding <GENAI> but
+    no <MUSIC_TIME_0> was trained on f37ac14 records. Any other vocabulary takes the head layout
+    when the caller may add tokens (training: `max_n_notes` given, the N_NOTES range it would add)
+    and the missing MusicManager tokens fit its free slots; otherwise (or with `max_n_notes` None:
+    the vocabulary is used as it is, as for generation) only the f37ac14 layout fits in it.
+    """
+    if "<MUSIC_TIME_0>" in tokenizer.token_to_id:
+        return "head"
+    if "<GENAI>" in tokenizer.token_to_id:
+        return "f37ac14"  # trained on PIANO tasks without MUSIC_TIME: that was the f37ac14 layout
+    if max_n_notes is not None:
+        missing = [t for t in music_special_tokens(max_n_notes) if t not in tokenizer.token_to_id]
+        if len(missing) <= tokenizer.free_special_slots:
+            return "head"
+    return "f37ac14"
 
 
 def music_special_tokens(max_n_notes: int) -> list[str]:
@@ -200,7 +243,9 @@ class PianoTaskRecords:
         context_size: int,
         loss_masking: str = "pretraining",
         use_time_steps: bool = False,
+        prompt_layout: str = "head",
     ):
+        self.prompt_layout = check_prompt_layout(prompt_layout)
         if loss_masking not in ("pretraining", "finetuning"):
             raise ValueError(
                 f"loss_masking must be 'pretraining' or 'finetuning', got {loss_masking!r}"
@@ -219,7 +264,8 @@ class PianoTaskRecords:
             np.int32,
         ).reshape(-1, 2)
         self._task_prefix = [tokenizer.encode_tokens(t.prefix_tokens) for t in self.tasks]
-        self._genai, self._eogenai = t2i[GENAI], t2i[EOGENAI]
+        self._genai = t2i[GENAI]
+        self._eogenai = t2i[EOGENAI] if self.prompt_layout == "head" else None
 
     def __len__(self) -> int:
         return self.n_windows * len(self.tasks)
@@ -251,17 +297,20 @@ class PianoTaskRecords:
         task = self.tasks[task_i]
         split = task.split(notes)
         tok = self.tokenizer
-        tgt_start = split.target["start"]
-        t_min = float(tgt_start.min()) if len(tgt_start) else float("nan")
-        t_max = float(tgt_start.max()) if len(tgt_start) else float("nan")
-        head = np.concatenate(
-            [
-                self._prefix[piece],
-                [tok.token_to_id[n_notes_token(split.n_target_notes)]],
-                self._task_prefix[task_i],
-                tok.encode_tokens([music_time_token(t_min), music_time_token(t_max)]),
-            ]
-        )
+        if self.prompt_layout == "f37ac14":
+            head = np.concatenate([self._prefix[piece], self._task_prefix[task_i]])
+        else:
+            tgt_start = split.target["start"]
+            t_min = float(tgt_start.min()) if len(tgt_start) else float("nan")
+            t_max = float(tgt_start.max()) if len(tgt_start) else float("nan")
+            head = np.concatenate(
+                [
+                    self._prefix[piece],
+                    [tok.token_to_id[n_notes_token(split.n_target_notes)]],
+                    self._task_prefix[task_i],
+                    tok.encode_tokens([music_time_token(t_min), music_time_token(t_max)]),
+                ]
+            )
         src = tok.encode_arrays(*(split.source[k] for k in ("pitch", "velocity", "start", "end")))
         tgt = tok.encode_arrays(*(split.target[k] for k in ("pitch", "velocity", "start", "end")))
         prompt = np.concatenate([head, src, [self._genai]]).astype(np.int32)
@@ -271,7 +320,8 @@ class PianoTaskRecords:
         self, index: int, rng: np.random.Generator | None = None, aug: Augmentation | None = None
     ) -> dict[str, np.ndarray]:
         _, prompt, target = self.parts(index, rng, aug)
-        seq = np.concatenate([prompt, target, [self._eogenai]])
+        end = [] if self._eogenai is None else [self._eogenai]  # f37ac14 had no end marker
+        seq = np.concatenate([prompt, target, end])
         n_masked = len(prompt) - 1 if self.finetuning else 0
         return _pad_and_shift(
             seq, self.context_size, self.tokenizer.pad_token_id, n_masked, self.tokenizer,

@@ -4,11 +4,13 @@ import datasets
 import numpy as np
 import pytest
 
+from piano_gpt_jax.data import pieces
 from piano_gpt_jax.data.records import (
     Augmentation,
     NextTokenRecords,
     PianoTaskRecords,
     PieceStore,
+    detect_prompt_layout,
     music_special_tokens,
     music_time_token,
 )
@@ -74,6 +76,76 @@ def test_piano_task_layout_matches_the_reference_example(tok):
     assert tok.vocab[fine["targets"][genai_at - 1]] == "<GENAI>"
     assert fine["loss_mask"][:genai_at].sum() == 0
     assert fine["loss_mask"][genai_at : n - 1].all()
+
+
+def f37ac14_tokenizer(n_special_ids=1024):
+    """A vocabulary as reference f37ac14 builds it (4.4, 4.6, Appendix A): dataset and composer
+    tokens at 217-241, then the task tokens and <GENAI>; no N_NOTES/MUSIC_TIME/<EOGENAI>."""
+    t = ExponentialTimeTokenizer.build(CONFIG | {"n_special_ids": n_special_ids})
+    t.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS])
+    t.add_special_tokens(["<PARAMETRIC_HIGH_NOTES>", "<PARAMETER_1>", "<GENAI>"])
+    return t
+
+
+def test_f37ac14_layout_token_by_token():
+    """Reference 4.6: `[DATASET][COMPOSER][TASK][PARAM] <source> <GENAI> <target> PAD...`, no
+    <EOGENAI>; prompt masking leaves <GENAI> itself untrained and trains from the first answer
+    token on. Same notes as the head-layout golden example above."""
+    tok = f37ac14_tokenizer()
+    assert tok.vocab_size == 1241
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    recs = PianoTaskRecords(store, tok, [HighNotesMasking(1)], notes_per_record=3,
+                            context_size=40, prompt_layout="f37ac14")
+    task, prompt, target = recs.parts(0)
+    assert task == "high_notes_masking-x1"
+    prompt_tokens = (
+        "<MAESTRO> <CHOPIN> <PARAMETRIC_HIGH_NOTES> <PARAMETER_1> "
+        "VELOCITY_20 NOTE_ON_60 16T 8T 1T VELOCITY_25 NOTE_ON_64 16T 8T 1T NOTE_OFF_60 NOTE_OFF_64 "
+        "<GENAI>"
+    ).split()
+    target_tokens = "16T 8T 1T VELOCITY_16 NOTE_ON_67 64T 32T 8T 4T NOTE_OFF_67".split()
+    assert [tok.vocab[i] for i in prompt] == prompt_tokens
+    assert [tok.vocab[i] for i in target] == target_tokens
+    assert prompt[:4].tolist() == [217, 230, 242, 243]  # ids of the f37ac14 vocabulary
+
+    seq = prompt_tokens + target_tokens
+    n = len(seq)
+    ex = recs.example(0)
+    assert [tok.vocab[i] for i in ex["tokens"][:n]] == seq
+    assert [tok.vocab[i] for i in ex["targets"][: n - 1]] == seq[1:]
+    assert (ex["tokens"][n:] == 0).all() and (ex["targets"][n - 1 :] == 0).all()  # no <EOGENAI>
+    assert ex["loss_mask"].tolist() == [1] * (n - 1) + [0] * (40 - n + 1)
+
+    fine = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 40, "finetuning",
+                            prompt_layout="f37ac14").example(0)
+    g = len(prompt_tokens) - 1  # y[len(prompt) - 1] is <GENAI>
+    assert tok.vocab[fine["targets"][g - 1]] == "<GENAI>"
+    assert fine["loss_mask"].tolist() == [0] * g + [1] * (n - 1 - g) + [0] * (40 - n + 1)
+
+
+def test_f37ac14_layout_needs_no_music_manager_tokens():
+    """The head layout cannot be built from an f37ac14 vocabulary: its prefix tokens are absent."""
+    tok = f37ac14_tokenizer()
+    store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
+    with pytest.raises(KeyError):
+        PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 40)
+    with pytest.raises(ValueError, match="prompt layout"):
+        PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 40, prompt_layout="f37")
+
+
+def test_prompt_layout_detection(tok):
+    assert detect_prompt_layout(tok) == "head"  # holds <MUSIC_TIME_0>
+    assert detect_prompt_layout(tok, 168) == "head"
+    small = f37ac14_tokenizer(1024)  # 979 free slots, 1370 MusicManager tokens missing
+    assert small.free_special_slots == 1241 - 245
+    assert detect_prompt_layout(small, 168) == "f37ac14"
+    assert detect_prompt_layout(small) == "f37ac14"
+    roomy = f37ac14_tokenizer(2048)  # room for MusicManager tokens, but trained on f37ac14
+    assert detect_prompt_layout(roomy, 168) == "f37ac14"  # records (it holds <GENAI>)
+    assert detect_prompt_layout(roomy) == "f37ac14"
+    fresh = ExponentialTimeTokenizer.build(
+        {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048})
+    assert detect_prompt_layout(fresh, 168) == "head"  # nothing trained yet, room to add
 
 
 def test_time_steps_restart_after_genai(tok):
