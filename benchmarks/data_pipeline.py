@@ -20,11 +20,10 @@ DEFAULT_MAESTRO = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def bench_tokenizer(maestro: Path) -> float:
     from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.data.pipeline import DEFAULT_TOKENIZER_CONFIG
     from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
 
-    tok = ExponentialTimeTokenizer.build(
-        {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048}
-    )
+    tok = ExponentialTimeTokenizer.build(DEFAULT_TOKENIZER_CONFIG)
     frames = [read_midi(f) for f in sorted(maestro.glob("*.mid"))]
     n = sum(len(f) for f in frames)
     for f in frames[:1]:

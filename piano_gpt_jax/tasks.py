@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-Notes = dict[str, np.ndarray]
+from piano_gpt_jax.data.pieces import Notes, n_notes, select
 
 LINE_WINDOW_S = 0.2  # the reference's top/bottom-line window
 CHORD_TOLERANCE_S = 0.015  # notes starting closer than this to the previous one form a chord
@@ -29,15 +29,6 @@ def as_notes(notes: Any) -> Notes:
     return {k: np.asarray(v) for k, v in notes.items()}
 
 
-def take(notes: Notes, idx: np.ndarray) -> Notes:
-    """Rows `idx` (positions or a boolean mask) of every column."""
-    return {k: v[idx] for k, v in notes.items()}
-
-
-def n_notes(notes: Notes) -> int:
-    return len(notes["pitch"])
-
-
 def _duration(notes: Notes) -> np.ndarray:
     if "duration" in notes:
         return np.asarray(notes["duration"], np.float64)
@@ -46,7 +37,7 @@ def _duration(notes: Notes) -> np.ndarray:
 
 def _by_start(notes: Notes, idx: np.ndarray) -> Notes:
     idx = np.asarray(idx)
-    return take(notes, idx[np.argsort(notes["start"][idx], kind="stable")])
+    return select(notes, idx[np.argsort(notes["start"][idx], kind="stable")])
 
 
 @dataclass(frozen=True)
@@ -89,7 +80,7 @@ class PianoTask:
         is_target = np.zeros(n_notes(notes), bool)
         is_target[self._target_rows(notes)] = True
         return TaskSplit(
-            self.prefix_tokens, take(notes, ~is_target), take(notes, np.nonzero(is_target)[0])
+            self.prefix_tokens, select(notes, ~is_target), select(notes, np.nonzero(is_target)[0])
         )
 
 
@@ -124,11 +115,11 @@ class TopLineMasking(PianoTask):
         remaining = np.arange(n_notes(notes))
         picked = []
         for _ in range(self.param):
-            rows = remaining[_line_rows(take(notes, remaining), self.pick_high)]
+            rows = remaining[_line_rows(select(notes, remaining), self.pick_high)]
             picked.append(rows)
             remaining = np.setdiff1d(remaining, rows)
         target = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-        return TaskSplit(self.prefix_tokens, take(notes, remaining), _by_start(notes, target))
+        return TaskSplit(self.prefix_tokens, select(notes, remaining), _by_start(notes, target))
 
 
 @dataclass(frozen=True)

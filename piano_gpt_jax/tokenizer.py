@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from piano_gpt_jax.data.pieces import PITCH_MAX as MAX_PITCH
+from piano_gpt_jax.data.pieces import PITCH_MIN as MIN_PITCH
+from piano_gpt_jax.data.pieces import allowed_pitch_shifts
+
 PAD = "<PAD>"
 CLS = "<CLS>"
 PLACEHOLDER_PREFIX = "<PLACEHOLDER_"
-MIN_PITCH, MAX_PITCH = 21, 108
 TOKENIZER_NAME = "ExponentialTimeTokenizer"
 
 _NOTE_KEYS = ("pitch", "velocity", "start", "end")
@@ -51,7 +54,7 @@ def _notes_to_arrays(notes: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         cols = {c: np.asarray(notes[c]) for c in _NOTE_KEYS if c in notes}
     else:
         raise TypeError(f"notes must be a pandas DataFrame or a dict of arrays, got {type(notes)}")
-    missing = [c for c in ("pitch", "velocity", "start", "end") if c not in cols]
+    missing = [c for c in _NOTE_KEYS if c not in cols]
     if missing:
         raise ValueError(f"notes lack the column(s) {missing}; need pitch, velocity, start, end")
     pitch = cols["pitch"].astype(np.int64, copy=False)
@@ -359,11 +362,7 @@ class ExponentialTimeTokenizer:
         ids = np.asarray(ids, np.int64)
         kind = self._kind[ids]
         pitch = self._value[ids][(kind == _NOTE_ON) | (kind == _NOTE_OFF)]
-        if len(pitch) == 0:
-            return list(range(-max_shift, max_shift + 1))
-        low = max(-max_shift, MIN_PITCH - int(pitch.min()))
-        high = min(max_shift, MAX_PITCH - int(pitch.max()))
-        return list(range(low, high + 1))
+        return allowed_pitch_shifts({"pitch": pitch}, max_shift)
 
     def transpose_ids(self, ids: np.ndarray, shift: int) -> np.ndarray:
         """Pitch-shift note tokens in id space (other tokens unchanged)."""

@@ -43,6 +43,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from piano_gpt_jax.data.midi_io import piecewise_time_map
 from piano_gpt_jax.data.pieces import PITCH_MAX, PITCH_MIN, clean_notes
 from piano_gpt_jax.data.sources import (
     SPLITS,
@@ -116,15 +117,7 @@ def _seconds_map(marks: list[tuple[float, float]]):
         marks = [(0.0, DEFAULT_QPM), *marks]
     offsets = np.array([m[0] for m in marks])
     qpm = np.clip(np.array([m[1] for m in marks]), *QPM_RANGE)
-    keep = np.append(offsets[1:] != offsets[:-1], True)  # last mark at an offset wins
-    offsets, spq = offsets[keep], 60.0 / qpm[keep]
-    base = np.concatenate([[0.0], np.cumsum(np.diff(offsets) * spq[:-1])])
-
-    def convert(q: np.ndarray) -> np.ndarray:
-        k = np.clip(np.searchsorted(offsets, q, side="right") - 1, 0, len(offsets) - 1)
-        return base[k] + (q - offsets[k]) * spq[k]
-
-    return convert
+    return piecewise_time_map(offsets, 60.0 / qpm)
 
 
 def _fold_pitches(pitch: np.ndarray) -> np.ndarray:

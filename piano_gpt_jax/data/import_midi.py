@@ -27,8 +27,8 @@ import numpy as np
 from piano_gpt_jax.data.midi_io import MidiReadError, read_midi_contents
 from piano_gpt_jax.data.pieces import composer_key
 from piano_gpt_jax.data.sources import (
-    MIDI_SUFFIXES,
     SPLITS,
+    list_midi_files,
     make_piano_dataset,
     save_atomically,
 )
@@ -68,12 +68,6 @@ class ImportResult:
     dataset: datasets.DatasetDict
     summary: dict[str, SplitSummary]
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def list_midi_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES
-    )
 
 
 def _guess_composer(texts: list[str]) -> str:

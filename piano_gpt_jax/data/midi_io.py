@@ -47,26 +47,32 @@ class MidiContents:
     n_dropped: int = 0
 
 
+def piecewise_time_map(positions: np.ndarray, sec_per_unit: np.ndarray):
+    """A vectorised position -> seconds function for piecewise-constant rates.
+
+    ``positions`` (sorted, the first at 0) are where each rate of ``sec_per_unit`` starts; of
+    several rates at one position the last one wins. Shared by MIDI tempo maps (ticks) and the
+    built-in dataset's metronome marks (quarter notes)."""
+    positions = np.asarray(positions, dtype=np.float64)
+    sec_per_unit = np.asarray(sec_per_unit, dtype=np.float64)
+    last = np.append(positions[1:] != positions[:-1], True)
+    positions, sec_per_unit = positions[last], sec_per_unit[last]
+    seg_start_sec = np.concatenate([[0.0], np.cumsum(np.diff(positions) * sec_per_unit[:-1])])
+
+    def convert(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        k = np.clip(np.searchsorted(positions, x, side="right") - 1, 0, len(positions) - 1)
+        return seg_start_sec[k] + (x - positions[k]) * sec_per_unit[k]
+
+    return convert
+
+
 def _tick_to_seconds(tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int):
-    """A vectorised tick -> seconds function for a piecewise-constant tempo map."""
+    """Tick -> seconds through a MIDI tempo map (120 qpm until its first tempo event)."""
     if len(tempo_ticks) == 0 or tempo_ticks[0] > 0:
         tempo_ticks = np.concatenate([[0], tempo_ticks])
         tempo_mspq = np.concatenate([[DEFAULT_MSPQ], tempo_mspq])
-    tempo_ticks = tempo_ticks.astype(np.float64)
-    tempo_mspq = tempo_mspq.astype(np.float64)
-    # Several tempo events at one tick: the last one wins.
-    last = np.append(tempo_ticks[1:] != tempo_ticks[:-1], True)
-    tempo_ticks, tempo_mspq = tempo_ticks[last], tempo_mspq[last]
-    sec_per_tick = tempo_mspq / 1e6 / tpq
-    seg_start_sec = np.concatenate([[0.0], np.cumsum(np.diff(tempo_ticks) * sec_per_tick[:-1])])
-
-    def convert(ticks: np.ndarray) -> np.ndarray:
-        ticks = np.asarray(ticks, dtype=np.float64)
-        k = np.searchsorted(tempo_ticks, ticks, side="right") - 1
-        k = np.clip(k, 0, len(tempo_ticks) - 1)
-        return seg_start_sec[k] + (ticks - tempo_ticks[k]) * sec_per_tick[k]
-
-    return convert
+    return piecewise_time_map(tempo_ticks, tempo_mspq.astype(np.float64) / 1e6 / tpq)
 
 
 def _pedal_intervals(times: np.ndarray, values: np.ndarray, end_of_file: float) -> np.ndarray:
@@ -148,11 +154,11 @@ def read_midi_contents(path: str | os.PathLike, sustain: bool = True) -> MidiCon
     texts = [t.name for t in score.tracks if t.name]
     texts += [m.text for m in score.markers if getattr(m, "text", "")]
     for track in score.tracks:
+        if len(track.notes) == 0 or track.is_drum:
+            continue
         controls = track.controls.numpy()
         is_sustain = controls["number"] == SUSTAIN_CC
         pedal = (to_sec(controls["time"][is_sustain]), controls["value"][is_sustain])
-        if len(track.notes) == 0 or track.is_drum:
-            continue
         n = track.notes.numpy()
         on = to_sec(n["time"])
         off = to_sec(n["time"].astype(np.int64) + n["duration"])

@@ -160,21 +160,23 @@ class PieceStore:
             raise ValueError(f"dataset split has no 'notes' column (columns: {split.column_names})")
         table = split.with_format("arrow")[:]
         notes = table.column("notes").combine_chunks()
-        cols = {}
+        cols, bounds = {}, {}
         for name in ("pitch", "velocity", "start", "end"):
             lists = notes.field(name)
             cols[name] = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
             lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        n_rows = len(bounds) - 1
+            # Per column: a record whose columns differ in length must not shift the rows after
+            # it; clean_notes rejects it on its own.
+            bounds[name] = np.concatenate([[0], np.cumsum(lengths)])
+        n_rows = len(notes)
         has_source = "source" in table.column_names
         sources = table.column("source").to_pylist() if has_source else [None] * n_rows
         parts, part_sources = [], []
         dropped = skipped = 0
-        for r in range(len(bounds) - 1):
-            sl = slice(bounds[r], bounds[r + 1])
+        for r in range(n_rows):
+            record = {k: v[bounds[k][r] : bounds[k][r + 1]] for k, v in cols.items()}
             try:
-                piece, drops = pieces.clean_notes({k: v[sl] for k, v in cols.items()})
+                piece, drops = pieces.clean_notes(record)
             except pieces.BadRecordError:
                 skipped += 1
                 continue
@@ -207,6 +209,15 @@ def _store_from_parts(parts: list[dict], sources: list[str]) -> PieceStore:
         offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
         sources=list(sources),
     )
+
+
+def _source_prefix_ids(store: PieceStore, tokenizer: ExponentialTimeTokenizer) -> np.ndarray:
+    """(n_pieces, 2) ids of each piece's [dataset, composer] tokens, the start of every record."""
+    t2i = tokenizer.token_to_id
+    return np.asarray(
+        [[t2i[pieces.dataset_token(s)], t2i[pieces.composer_token(s)]] for s in store.sources],
+        np.int32,
+    ).reshape(-1, 2)
 
 
 def _pad_and_shift(
@@ -258,14 +269,10 @@ class PianoTaskRecords:
         counts = np.maximum(np.diff(store.offsets) - self.notes_per_record + 1, 0)
         self._window_cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_windows = int(self._window_cum[-1])
-        t2i = tokenizer.token_to_id
-        self._prefix = np.asarray(
-            [[t2i[pieces.dataset_token(s)], t2i[pieces.composer_token(s)]] for s in store.sources],
-            np.int32,
-        ).reshape(-1, 2)
+        self._prefix = _source_prefix_ids(store, tokenizer)
         self._task_prefix = [tokenizer.encode_tokens(t.prefix_tokens) for t in self.tasks]
-        self._genai = t2i[GENAI]
-        self._eogenai = t2i[EOGENAI] if self.prompt_layout == "head" else None
+        self._genai = tokenizer.token_to_id[GENAI]
+        self._eogenai = tokenizer.token_to_id[EOGENAI] if self.prompt_layout == "head" else None
 
     def __len__(self) -> int:
         return self.n_windows * len(self.tasks)
@@ -285,9 +292,7 @@ class PianoTaskRecords:
             factor = float(rng.choice((1.0, *aug.speed_change_factors)))
             if factor != 1.0:
                 notes = dict(notes, start=notes["start"] / factor, end=notes["end"] / factor)
-        t0 = notes["start"].min()
-        notes = dict(notes, start=notes["start"] - t0, end=notes["end"] - t0)
-        return piece, task_i, notes
+        return piece, task_i, pieces.shift_to_zero(notes)
 
     def parts(
         self, index: int, rng: np.random.Generator | None = None, aug: Augmentation | None = None
@@ -358,11 +363,7 @@ class NextTokenRecords:
             pos = pos[~note_on[self._offsets[i] + pos]] if lengths[i] else pos
             starts.append(self._offsets[i] + pos)
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-        t2i = tokenizer.token_to_id
-        self._prefix = np.asarray(
-            [[t2i[pieces.dataset_token(s)], t2i[pieces.composer_token(s)]] for s in store.sources],
-            np.int32,
-        ).reshape(-1, 2)
+        self._prefix = _source_prefix_ids(store, tokenizer)
 
     def __len__(self) -> int:
         return len(self._starts)

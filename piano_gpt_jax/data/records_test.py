@@ -238,3 +238,14 @@ def test_bad_records_are_skipped_with_counts(tok):
     ]
     store = PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
     assert store.dropped_notes == 2 and store.skipped_records == 2 and store.n_pieces == 0
+
+
+def test_record_with_unequal_columns_is_skipped_without_shifting_the_next(tok):
+    good = {"pitch": [60, 62], "velocity": [50, 60], "start": [0.0, 0.5], "end": [0.4, 0.9]}
+    rows = [
+        {"notes": {**good, "velocity": [50]}, "source": SOURCE},  # one velocity too few
+        {"notes": good, "source": SOURCE},
+    ]
+    store = PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
+    assert store.skipped_records == 1 and store.n_pieces == 1
+    assert store.velocity.tolist() == [50, 60] and store.pitch.tolist() == [60, 62]

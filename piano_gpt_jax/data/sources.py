@@ -105,7 +105,8 @@ def save_atomically(dataset: datasets.DatasetDict, out_dir: Path, overwrite: boo
     return out_dir
 
 
-def _midi_files(directory: Path) -> list[Path]:
+def list_midi_files(directory: Path) -> list[Path]:
+    """Every .mid/.midi file below ``directory`` (sub-folders too), in path order."""
     return sorted(
         p for p in directory.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file()
     )
@@ -119,11 +120,11 @@ def _folder_fingerprint(files: Iterable[Path], root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_midi_folder(directory: Path) -> datasets.DatasetDict:
-    """Import a MIDI folder once; later calls reuse the cached import while files are unchanged."""
+def _load_midi_folder(directory: Path, files: list[Path]) -> datasets.DatasetDict:
+    """Import a MIDI folder once; later calls reuse the cached import while ``files`` (its
+    listing) are unchanged."""
     from piano_gpt_jax.data.import_midi import import_midi_folder
 
-    files = _midi_files(directory)
     cache_dir = default_cache_root() / "midi-folders" / _folder_fingerprint(files, directory)
     if (cache_dir / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(cache_dir))
@@ -165,8 +166,9 @@ def _load_directory(path: Path) -> datasets.DatasetDict:
             f"{path} holds a single dataset split; save a DatasetDict with train, validation and "
             "test splits instead (DatasetDict({...}).save_to_disk)"
         )
-    if _midi_files(path):
-        return _load_midi_folder(path)
+    files = list_midi_files(path)
+    if files:
+        return _load_midi_folder(path, files)
     raise DatasetSourceError(
         f"{path} is neither a dataset written by save_to_disk (no dataset_dict.json) nor a folder "
         "containing .mid/.midi files"
