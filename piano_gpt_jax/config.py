@@ -99,7 +99,7 @@ class ModelSettings:
     bias: bool
     context_size: int
     use_time_embedding: bool
-    one_hot_embedding: bool | None  # None: decided per platform at start-up
+    one_hot_embedding: bool | None  # None (unset) = False: gather the token rows
 
 
 @dataclasses.dataclass(frozen=True)

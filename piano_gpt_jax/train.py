@@ -13,6 +13,7 @@ and at the end; every evaluation after step 0 also writes a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -80,17 +81,14 @@ def _model_config(cfg: TrainConfig, vocab_size: int, arch: dict | None = None):
     from piano_gpt_jax.model import ModelConfig
 
     m = cfg.model
-    # None = gather: benchmarks/train_step.py measured it faster than the one-hot matmul on
-    # XLA:CPU at the piano vocabulary (2265 tokens); accelerators gather cheaply anyway.
-    one_hot = bool(m.one_hot_embedding)
     if arch is None:
-        arch = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
-                "context_size": m.context_size, "bias": m.bias,
-                "use_time_embedding": m.use_time_embedding, "vocab_size": vocab_size}
+        arch = {**dataclasses.asdict(m), "vocab_size": vocab_size}
     keys = ("n_layer", "n_head", "n_embd", "context_size", "bias", "use_time_embedding",
             "vocab_size")
+    # one_hot_embedding None = gather: benchmarks/train_step.py measured it faster than the
+    # one-hot matmul on XLA:CPU at the piano vocabulary (2265 tokens); accelerators gather cheaply.
     return ModelConfig(**{k: arch[k] for k in keys}, dropout=m.dropout, dtype=cfg.dtype,
-                       one_hot_embedding=bool(one_hot))
+                       one_hot_embedding=bool(m.one_hot_embedding))
 
 
 def _check_compatible(model_config, tokenizer, cfg: TrainConfig, source: str) -> None:
@@ -121,6 +119,26 @@ def _build_data(cfg: TrainConfig, tokenizer_desc: dict | None):
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UsageError(f"cannot build the data pipeline: {e}") from None
     return settings, tokenizer, pipeline
+
+
+def _make_mesh(cfg: TrainConfig):
+    """The data-parallel mesh; UsageError (not a traceback) if the batch cannot be split on it."""
+    from piano_gpt_jax.train_step import check_batch_divisible, make_mesh
+
+    mesh = make_mesh()
+    try:
+        check_batch_divisible(cfg.data_kwargs["batch_size"], mesh)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return mesh
+
+
+def _eval_batches(cfg: TrainConfig, pipeline, mesh) -> dict[str, list]:
+    """The fixed eval_iters batches of every eval split, sharded over `mesh`."""
+    from piano_gpt_jax.train_step import shard_batch
+
+    return {s: [shard_batch(b, mesh) for b in pipeline.eval_batches(s, cfg.eval_iters)]
+            for s in pipeline.eval_split_names}
 
 
 def _load_init(path: str):
@@ -156,27 +174,17 @@ def eval_only(cfg: TrainConfig) -> dict:
     """Load init_from (ours or a .pt) or out_dir's latest checkpoint, print a loss table."""
     import jax
 
-    from piano_gpt_jax.train_step import (
-        check_batch_divisible,
-        compile_steps,
-        make_eval_step,
-        make_mesh,
-        replicate,
-        shard_batch,
-    )
+    from piano_gpt_jax.train_step import compile_steps, make_eval_step, replicate
 
     source = cfg.out_dir if cfg.from_scratch else cfg.init_from
     ck = _load_init(source)
     _, tokenizer, pipeline = _build_data(cfg, ck.tokenizer_desc)
     model_config = _model_config(cfg, tokenizer.vocab_size, ck.model_config.to_dict())
     _check_compatible(model_config, tokenizer, cfg, source)
-    mesh = make_mesh()
-    check_batch_divisible(cfg.data_kwargs["batch_size"], mesh)
+    mesh = _make_mesh(cfg)
     _, eval_fn = compile_steps(None, make_eval_step(model_config), mesh, use_jit=cfg.compile)
     params = replicate(jax.tree_util.tree_map(np.asarray, ck.params), mesh)
-    batches = {s: [shard_batch(b, mesh) for b in pipeline.eval_batches(s, cfg.eval_iters)]
-               for s in pipeline.eval_split_names}
-    losses = evaluate_losses(eval_fn, params, batches)
+    losses = evaluate_losses(eval_fn, params, _eval_batches(cfg, pipeline, mesh))
     print(_format_table(losses, f"validation loss of {source} (step {ck.step}, "
                                 f"{cfg.eval_iters} batches per split)"))
     result: dict[str, Any] = {"losses": losses}
@@ -204,11 +212,9 @@ def train(cfg: TrainConfig) -> dict:
     from piano_gpt_jax.train_checkpoints import TrainCheckpointer
     from piano_gpt_jax.train_step import (
         Precision,
-        check_batch_divisible,
         compile_steps,
         init_train_state,
         make_eval_step,
-        make_mesh,
         make_train_step,
         replicate,
         shard_batch,
@@ -217,11 +223,7 @@ def train(cfg: TrainConfig) -> dict:
     main_process = jax.process_index() == 0
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh()
-    try:
-        check_batch_divisible(cfg.data_kwargs["batch_size"], mesh)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    mesh = _make_mesh(cfg)
 
     ckpt = TrainCheckpointer(out_dir, cfg.keep_last)
     resume_step = ckpt.latest_step()
@@ -238,9 +240,9 @@ def train(cfg: TrainConfig) -> dict:
         meta, tokenizer_desc, arch, source = {}, None, None, "config"
     settings, tokenizer, pipeline = _build_data(cfg, tokenizer_desc)
     model_config = _model_config(cfg, tokenizer.vocab_size, arch)
-    if resume_step is not None and arch is not None:
+    if resume_step is not None and cfg.from_scratch:
         wanted = _model_config(cfg, tokenizer.vocab_size)
-        if cfg.from_scratch and _arch(wanted) != _arch(model_config):
+        if _arch(wanted) != _arch(model_config):
             raise UsageError(
                 f"{out_dir} holds a run of a different model ({_arch(model_config)}) than the "
                 f"config asks for ({_arch(wanted)}); choose a new out_dir to start a new run.")
@@ -265,8 +267,7 @@ def train(cfg: TrainConfig) -> dict:
 
     train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
                                       make_eval_step(model_config), mesh, use_jit=cfg.compile)
-    eval_batches = {s: [shard_batch(b, mesh) for b in pipeline.eval_batches(s, cfg.eval_iters)]
-                    for s in pipeline.eval_split_names}
+    eval_batches = _eval_batches(cfg, pipeline, mesh)
 
     if main_process:
         truncate_metrics(out_dir / "metrics.jsonl", resume_step)
@@ -373,15 +374,15 @@ def _arch(model_config) -> tuple:
 def _export(ckpt, state, model_config, tokenizer_desc, meta, out_dir: Path, run_log) -> None:
     from piano_gpt_jax.train_checkpoints import export_torch
 
-    final = export_torch(out_dir / "final.pt", model_config, state["params"], tokenizer_desc,
-                         meta.get("metadata", {}))
+    written = [export_torch(out_dir / "final.pt", model_config, state["params"], tokenizer_desc,
+                            meta.get("metadata", {}))]
     best = ckpt.restore_best_params(state["params"])
     if best is not None:
         params, best_meta = best
-        export_torch(out_dir / "best.pt", model_config, params, tokenizer_desc,
-                     best_meta.get("metadata", {}))
-    if final is not None:
-        run_log.note(f"exported {final} and {out_dir / 'best.pt'} (PyTorch reference layout)")
+        written.append(export_torch(out_dir / "best.pt", model_config, params, tokenizer_desc,
+                                    best_meta.get("metadata", {})))
+    if written[0] is not None:  # None: torch is absent and export_torch has said so
+        run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout)")
 
 
 def _wandb_id(out_dir: Path) -> str:

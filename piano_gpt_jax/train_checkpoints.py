@@ -101,7 +101,7 @@ def export_torch(path: str | Path, model_config: ModelConfig, params: dict,
     except ImportError as e:  # torch is an optional dependency
         log.warning("skipping the .pt export of %s: %s (pip install torch to enable it)", path, e)
         return None
-    host_params = jax.tree_util.tree_map(lambda a: jax.device_get(a), params)
+    host_params = jax.device_get(params)
     # Export the architecture only: the compute dtype / embedding style are runtime choices.
     cfg = ModelConfig.from_dict({**model_config.to_dict(), "dtype": "float32",
                                  "one_hot_embedding": False})

@@ -185,3 +185,10 @@ def test_model_mismatch_with_init_checkpoint_is_a_clear_error(dataset, reference
             "--config.model.use_time_embedding=True", check=False)
     assert r.returncode == 2 and "music-time embedding" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_eval_only_with_an_unsplittable_batch_is_a_clear_error(dataset, reference_run, tmp_path):
+    r = run(dataset, tmp_path / "e", "--config.eval_only=True", "--config.data.batch_size=3",
+            f"--config.init_from={reference_run / 'final.pt'}", devices=2, check=False)
+    assert r.returncode == 2 and "divisible by the number of devices" in r.stderr
+    assert "Traceback" not in r.stderr
