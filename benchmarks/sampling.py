@@ -85,7 +85,7 @@ def main() -> None:
 
     warm = sampling.generate(cfg, params, [prompt], settings)
     cached = sampling.generate(cfg, params, [prompt], settings)
-    cached_tps = cached.n_new_tokens / cached.seconds
+    cached_tps = cached.tokens_per_second
     print(f"cached sampler : {cached_tps:9.1f} tokens/s "
           f"({cached.seconds:.3f} s; compile {warm.compile_seconds:.1f} s, once)")
 

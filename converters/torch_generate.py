@@ -49,7 +49,7 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
                    tables: sampling.TokenTables) -> sampling.GenerationResult:
     """Decode each prompt (one row at a time) with a full forward pass per token."""
     ctx = model.config.context_size
-    keep = settings.window_keep or max(1, ctx // 2)
+    keep = settings.kept_tokens(ctx)
     stop_id = tables.stop_id if settings.stop_at_eos else -1
     gen = torch.Generator().manual_seed(settings.seed)
     new_tokens, stopped = [], []

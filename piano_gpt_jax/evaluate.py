@@ -62,7 +62,6 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
     """
     manager = piano_metrics.MetricsManager.load_default()
     tables = sampling.token_tables(tokenizer.vocab)
-    eogenai = tables.stop_id
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in splits:
         examples = pipeline.eval_examples(split, n_examples)
@@ -78,7 +77,7 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
             out = sampling.generate(model_config, params, [e["prompt_ids"] for e in batch],
                                     settings, tables)
             for ex, new in zip(batch, out.new_tokens, strict=True):
-                new = new[new != eogenai] if eogenai >= 0 else new
+                # decode drops non-music tokens, so a final <EOGENAI> needs no stripping.
                 target = tokenizer.decode(ex["target_ids"])
                 generated = crop_to_target(tokenizer.decode(new), target)
                 scores = manager.calculate_flat(target, generated)

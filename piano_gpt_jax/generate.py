@@ -115,16 +115,6 @@ def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
     return ids.astype(np.int32), source, target
 
 
-def music_end_time(tokenizer, ids: np.ndarray) -> float:
-    """Seconds covered by the time tokens of `ids` (where the next event would be placed)."""
-    steps = 0
-    for i in np.asarray(ids):
-        tok = tokenizer.vocab[int(i)]
-        if tok.endswith("T") and tok[:-1].isdigit():
-            steps += int(tok[:-1])
-    return steps * tokenizer.time_unit
-
-
 def resolve_task(name: str):
     from piano_gpt_jax.tasks import resolve_tasks
 
@@ -285,16 +275,17 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     notes = crop_notes(raw, args.prompt_seconds, max_notes)
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
+    layout = prompt_layout_of(tokenizer)
+    tables = sampling.token_tables(tokenizer.vocab)
     if task is not None:
         prompt_ids, shown_prompt, target = task_prompt(tokenizer, task, notes, dataset_token,
-                                                       composer_token)
+                                                       composer_token, layout)
         offset = 0.0
     else:
         prompt_ids = continuation_prompt(tokenizer, notes, dataset_token, composer_token)
         shown_prompt, target = notes, None
-        offset = music_end_time(tokenizer, prompt_ids)
-
-    tables = sampling.token_tables(tokenizer.vocab)
+        # New notes go after the prompt's last event: the seconds its time tokens cover.
+        offset = int(tables.time_increment[prompt_ids].sum()) * tokenizer.time_unit
     result = sampler(ck, [prompt_ids] * args.num_samples, settings, tables)
     out.mkdir(parents=True, exist_ok=True)
     write_midi(shown_prompt, paths["prompt"])
@@ -303,11 +294,10 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     samples = []
     for k, new in enumerate(result.new_tokens):
         sfx = "" if args.num_samples == 1 else f"_{k}"
-        generated = tokenizer.decode(new)
-        if len(generated):
-            generated = generated.assign(start=generated["start"] + offset,
-                                         end=generated["end"] + offset)
-        write_midi(generated if len(generated) else _empty(), paths[f"generation{sfx}"])
+        generated = tokenizer.decode(new)  # keeps its columns when empty
+        generated = generated.assign(start=generated["start"] + offset,
+                                     end=generated["end"] + offset)
+        write_midi(generated, paths[f"generation{sfx}"])
         combined = pd.concat([shown_prompt, generated], ignore_index=True) if len(generated) \
             else shown_prompt
         write_midi(combined, paths[f"combined{sfx}"])
@@ -322,7 +312,7 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                         "stopped": bool(result.stopped[k])})
     summary = {"checkpoint": str(args.checkpoint), "step": ck.step, "prompt": described,
                "task": task.task_name if task else None,
-               "prompt_layout": prompt_layout_of(tokenizer), "prompt_tokens": int(len(prompt_ids)),
+               "prompt_layout": layout, "prompt_tokens": int(len(prompt_ids)),
                "prompt_notes": int(len(shown_prompt)),
                "tokens_per_second": result.tokens_per_second,
                "compile_seconds": result.compile_seconds, "samples": samples,
@@ -332,11 +322,6 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
     paths["ids"].write_text(json.dumps({**summary, "prompt_ids": [int(t) for t in prompt_ids]}))
     return summary
-
-
-def _empty() -> pd.DataFrame:
-    return pd.DataFrame({"pitch": np.zeros(0, np.int64), "velocity": np.zeros(0, np.int64),
-                         "start": np.zeros(0), "end": np.zeros(0)})
 
 
 def print_summary(s: dict[str, Any]) -> None:

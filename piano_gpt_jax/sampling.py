@@ -64,6 +64,14 @@ class SamplingSettings:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
+    def kept_tokens(self, context_size: int) -> int:
+        """Tokens kept when the context is full; one rule for the JAX and PyTorch samplers, whose
+        greedy tokens agree only if they crop alike."""
+        keep = self.window_keep or max(1, context_size // 2)
+        if not 1 <= keep <= context_size:
+            raise ValueError(f"window_keep must be in [1, context_size={context_size}], got {keep}")
+        return keep
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenTables:
@@ -289,9 +297,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt")
     ctx = cfg.context_size
-    keep = settings.window_keep or max(1, ctx // 2)
-    if not 1 <= keep <= ctx:
-        raise ValueError(f"window_keep must be in [1, context_size={ctx}], got {keep}")
+    keep = settings.kept_tokens(ctx)
     if tables is None:
         if cfg.use_time_embedding:
             raise ValueError("this model uses music time steps: pass tables=token_tables(vocab)")
