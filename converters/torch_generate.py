@@ -24,7 +24,7 @@ from converters.state_dict import params_to_state_dict
 from converters.torch_checkpoint import load_torch_checkpoint
 from converters.torch_model import TorchGPT
 from piano_gpt_jax import sampling
-from piano_gpt_jax.generate import GenerateError, build_parser, print_summary, run
+from piano_gpt_jax.generate import main as generate_main
 
 
 def filter_logits(logits_V: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -100,13 +100,8 @@ def torch_sampler(ck, prompts, settings, tables) -> sampling.GenerationResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser("python -m converters.torch_generate").parse_args(argv)
-    try:
-        summary = run(args, sampler=torch_sampler, load_checkpoint=_load)
-    except GenerateError as e:
-        raise SystemExit(f"error: {e}") from None
-    print_summary(summary)
-    return 0
+    return generate_main(argv, prog="python -m converters.torch_generate",
+                         sampler=torch_sampler, load_checkpoint=_load)
 
 
 if __name__ == "__main__":

@@ -208,10 +208,6 @@ def build_parser(prog: str = "python -m piano_gpt_jax.generate") -> argparse.Arg
     return ap
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
 def _outputs(out: Path, n: int, task: bool) -> dict[str, Path]:
     names = {"prompt": "prompt.mid", "ids": "generation.json"}
     if task:
@@ -340,10 +336,12 @@ def print_summary(s: dict[str, Any]) -> None:
           + ", ".join(Path(p).name for p in s["files"].values()))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m piano_gpt_jax.generate",
+         sampler=jax_sampler, load_checkpoint=None) -> int:
+    """The CLI; converters.torch_generate reuses it with the PyTorch sampler and loader."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        summary = run(args)
+        summary = run(args, sampler=sampler, load_checkpoint=load_checkpoint)
     except GenerateError as e:
         raise SystemExit(f"error: {e}") from None
     print_summary(summary)
