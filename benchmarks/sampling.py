@@ -41,8 +41,8 @@ def full_forward_greedy(cfg: ModelConfig, params, prompt: np.ndarray, n_new: int
 def torch_full_forward_greedy(cfg: ModelConfig, params, prompt: np.ndarray, n_new: int):
     import torch
 
-    from converters.state_dict import params_to_state_dict
     from converters.torch_model import TorchGPT
+    from piano_gpt_jax.checkpoints.torch_format import params_to_state_dict
 
     model = TorchGPT(cfg)
     model.load_state_dict(params_to_state_dict(cfg, params))

@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 1337
     c.stage = "piano_task"  # or "next_token_pretraining"
     c.init_from = "scratch_next_token"  # or a run directory of ours, or a PyTorch .pt
+    # True: continue init_from's AdamW state, step (schedule position) and token count, e.g. a
+    # run trained in PyTorch goes on here where it stopped. False: a fresh optimizer (fine-tune).
+    c.init_optimizer = False
     c.loss_masking = "pretraining"  # or "finetuning": loss only on tokens after <GENAI>
     c.tasks = "piano_default"  # a task-set name, or a tuple of task names
 

@@ -2,8 +2,9 @@
 
     python -m converters.jax_to_torch CKPT_DIR OUT.pt
 
-CKPT_DIR is a run directory (latest of checkpoints/, else best/), one of those, or a step directory.
-The result loads with the reference code: GPT(checkpoint["model_cfg"], vocab_size, pad_token_id).
+CKPT_DIR is a run directory (its latest checkpoint), its checkpoints/ directory, or a step
+directory. The result is what piano-gpt's trainer writes, optimizer state included, so piano-gpt's
+own resume, evaluation, tuning and dashboard code accept it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from piano_gpt_jax.checkpoints import CheckpointError, load_model_checkpoint
+from piano_gpt_jax.checkpoints import CheckpointError, load_model_checkpoint, resolve_step_dir
+from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,25 +23,26 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a piano-gpt-jax orbax checkpoint to a piano-gpt PyTorch .pt file.")
     parser.add_argument("input", type=Path, help="run, checkpoints/, best/ or step directory")
     parser.add_argument("output", type=Path, help="the .pt file to write")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="leave out the optimizer state (a step directory without one, "
+                             "e.g. a converted .pt, is exported weights-only anyway)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUTPUT if it exists (it is otherwise left untouched)")
     args = parser.parse_args(argv)
-    from converters import save_torch_checkpoint
-
     try:
         if args.output.exists() and not args.overwrite:
             raise CheckpointError(f"{args.output} already exists; pass --overwrite or choose "
                                   "another name.")
         if args.output.is_dir():
             raise CheckpointError(f"{args.output} is a directory; name a .pt file.")
-        ck = load_model_checkpoint(args.input)
-        metadata = dict(ck.metadata)
-        metadata.setdefault("iteration", ck.step)
-        save_torch_checkpoint(args.output, ck.model_config, ck.params, ck.tokenizer_desc,
-                              metadata)
+        step_dir = resolve_step_dir(args.input)
+        with_optimizer = not args.weights_only and (step_dir / "train").is_dir()
+        ck = load_model_checkpoint(step_dir, with_optimizer=with_optimizer)
+        save_torch_checkpoint(args.output, ck)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {args.output} (step {ck.step})", file=sys.stderr)
+    what = "with its optimizer state" if ck.optimizer is not None else "weights only"
+    print(f"wrote {args.output} (step {ck.step}, {what})", file=sys.stderr)
     return 0
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.state_dict import params_to_state_dict
-from converters.torch_checkpoint import load_torch_checkpoint
 from converters.torch_model import TorchGPT
 from piano_gpt_jax import sampling
+from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint, params_to_state_dict
 from piano_gpt_jax.generate import main as generate_main
 
 

@@ -9,13 +9,10 @@ import optax
 import pytest
 import torch
 
-from converters.conftest import randomize, tiny_config
-from converters.state_dict import (
-    expected_state_dict_shapes,
-    params_to_state_dict,
-    state_dict_to_params,
-)
+from converters.testing import randomize, tiny_config
 from converters.torch_model import TorchGPT, masked_cross_entropy
+from piano_gpt_jax.checkpoints.state_dict import expected_state_dict_shapes
+from piano_gpt_jax.checkpoints.torch_format import params_to_state_dict, state_dict_to_params
 from piano_gpt_jax.model import ModelConfig, count_params, forward, init_params
 
 VARIANTS = [(False, False), (True, False), (False, True), (True, True)]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from piano_gpt_jax.checkpoints import CheckpointError, save_model_checkpoint
+from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None,
                         help="step number to store under (default: the checkpoint's iteration)")
     args = parser.parse_args(argv)
-    from converters import load_torch_checkpoint
-
     try:
+        if args.output.exists() and not args.output.is_dir():
+            raise CheckpointError(f"{args.output} is a file; name a new output directory.")
         ck = load_torch_checkpoint(args.input)
-        step = ck.step if args.step is None else args.step
-        out = save_model_checkpoint(args.output, ck.model_config, ck.params,
-                                    ck.tokenizer_desc, ck.metadata, step=step)
+        if args.step is not None:
+            ck.meta.step = args.step
+        out = save_model_checkpoint(args.output, ck)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     cfg = ck.model_config

@@ -32,6 +32,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "seed": ((int,), 1337),
     "stage": ((str,), "piano_task"),
     "init_from": ((str,), SCRATCH),
+    "init_optimizer": ((bool,), False),
     "loss_masking": ((str,), "pretraining"),
     "tasks": ((str, *_SEQ), "piano_default"),
     "model.n_layer": ((int,), 12),
@@ -125,6 +126,7 @@ class TrainConfig:
     seed: int
     stage: str
     init_from: str
+    init_optimizer: bool  # init_from a .pt: continue its AdamW state, step and token count
     loss_masking: str
     model: ModelSettings
     optim: OptimSettings
@@ -144,7 +146,7 @@ class TrainConfig:
     wandb_project: str
     wandb_entity: str | None
     log_interval: int
-    raw: Mapping[str, Any]  # the whole config as plain values, for checkpoints and wandb
+    raw: Mapping[str, Any]  # the whole config, nested as configs/piano.py writes it, plain values
 
     @property
     def from_scratch(self) -> bool:
@@ -169,6 +171,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the inverse of `flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def complete(nested: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config with every schema key, defaults filling what `nested` lacks."""
+    flat = {key: default for key, (_, default) in SCHEMA.items()}
+    flat.update({k: v for k, v in flatten(nested).items() if k in SCHEMA})
+    return nest({k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()})
 
 
 def suggest_key(key: str, valid: list[str] | None = None) -> str:
@@ -253,6 +274,10 @@ def build_train_config(cfg: Any) -> TrainConfig:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
                           f"one of {sorted(DEVICES)} (pick a GPU with CUDA_VISIBLE_DEVICES).")
     _one_of("ddp.backend", v["ddp.backend"], DDP_BACKENDS)
+    if v["init_optimizer"] and v["init_from"] == SCRATCH:
+        raise ConfigError("init_optimizer=True continues the optimizer of init_from, but "
+                          "init_from is scratch_next_token; set init_from to a .pt written with "
+                          "an optimizer state (piano-gpt's, or our export).")
     if v["loss_masking"] == "finetuning" and v["stage"] != "piano_task":
         raise ConfigError("loss_masking='finetuning' needs stage='piano_task' (the loss is taken "
                           "on the tokens after <GENAI>, which only PIANO-task records have).")
@@ -293,6 +318,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
             raise ConfigError("data.eval_splits is empty; use 'auto' or name at least 'full_val'.")
     tasks = _names("tasks", v["tasks"])
     tasks = tasks[0] if len(tasks) == 1 and "-x" not in tasks[0] else tasks  # a task-set name
+    v["tasks"], v["data.eval_splits"] = tasks, splits  # parsed forms, also in `raw`
 
     model = ModelSettings(
         n_layer=v["model.n_layer"], n_head=v["model.n_head"], n_embd=v["model.n_embd"],
@@ -331,9 +357,10 @@ def build_train_config(cfg: Any) -> TrainConfig:
         "eval_splits": splits,
         "prompt_layout": v["data.prompt_layout"],
     }
-    raw = {key: (list(val) if isinstance(val, tuple) else val) for key, val in v.items()}
+    raw = nest({key: (list(val) if isinstance(val, tuple) else val) for key, val in v.items()})
     return TrainConfig(
         out_dir=v["out_dir"], seed=v["seed"], stage=v["stage"], init_from=v["init_from"],
+        init_optimizer=v["init_optimizer"],
         loss_masking=v["loss_masking"], model=model, optim=optim, data_kwargs=data_kwargs,
         platform=DEVICES[device], dtype=v["system.dtype"], compile=v["system.compile"],
         ddp_backend=DDP_BACKENDS[v["ddp.backend"]], eval_interval=v["eval_interval"],

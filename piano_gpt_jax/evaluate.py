@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +106,18 @@ def _summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float
 
 # ------------------------------------------------------------------------------------------ data
 def data_settings_for_checkpoint(ck, dataset: str | None = None, stage: str | None = None):
-    """The run's data settings (from the checkpoint's run_config when it is ours), with overrides.
-
-    A reference .pt or a checkpoint without a usable run config gets defaults matching the model.
+    """The run's data settings (from the checkpoint's run config, ours or piano-gpt's), with
+    overrides. A checkpoint without a usable run config gets defaults matching the model.
     Only one process's view is needed here, and no extra training datasets.
     """
-    from piano_gpt_jax.config import build_train_config
+    from piano_gpt_jax.config import ConfigError, build_train_config
     from piano_gpt_jax.data.pipeline import DataSettings
 
     kwargs: dict[str, Any] = {}
-    run_config = (ck.metadata or {}).get("run_config")
-    if isinstance(run_config, Mapping):
+    if ck.meta.config:  # ours, or translated from piano-gpt's run_config
         try:
-            kwargs = dict(build_train_config(run_config).data_kwargs)
-        except Exception:  # a reference (Hydra) run config: fall back to defaults
+            kwargs = dict(build_train_config(ck.meta.config).data_kwargs)
+        except ConfigError:  # e.g. a piano-gpt config our validation rejects: defaults
             kwargs = {}
     if not kwargs:
         kwargs = {"stage": "piano_task", "base_dataset_name": "builtin", "batch_size": 1}

@@ -128,17 +128,11 @@ def resolve_task(name: str):
     return tasks[0]
 
 
-def trained_notes_per_record(metadata: dict) -> int | None:
-    """notes_per_record of the run that made a checkpoint: prompts longer than the records a
-    model trained on push it past the contexts it has seen."""
-    run_config = (metadata or {}).get("run_config") or {}
-    for section in ("data", "training"):  # ours (flat or nested), then the reference's
-        value = run_config.get(f"{section}.notes_per_record")
-        if value is None and isinstance(run_config.get(section), dict):
-            value = run_config[section].get("notes_per_record")
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def trained_notes_per_record(meta) -> int | None:
+    """notes_per_record of the run that made a checkpoint (`RunMeta`): prompts longer than the
+    records a model trained on push it past the contexts it has seen."""
+    value = (meta.config.get("data") or {}).get("notes_per_record") if meta.config else None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
@@ -267,7 +261,7 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                             f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
 
     raw, described, dataset_token, composer_token = load_prompt_notes(args, ck)
-    max_notes = args.prompt_notes or trained_notes_per_record(ck.metadata) or 128
+    max_notes = args.prompt_notes or trained_notes_per_record(ck.meta) or 128
     notes = crop_notes(raw, args.prompt_seconds, max_notes)
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")

@@ -63,3 +63,58 @@ def make_optimizer(s: OptimSettings) -> optax.GradientTransformation:
     parts.append(optax.adamw(learning_rate=make_schedule(s), b1=s.beta1, b2=s.beta2, eps=1e-8,
                              weight_decay=s.weight_decay, mask=decay_mask))
     return optax.MultiSteps(optax.chain(*parts), every_k_schedule=s.gradient_accumulation_steps)
+
+
+def adam_state(opt_state) -> tuple[optax.ScaleByAdamState, jax.Array]:
+    """(Adam moments and bias-correction count, schedule position) inside our optimizer state.
+
+    The schedule position counts updates applied (reference iteration - 1 of the next update);
+    it equals the Adam count unless float16 skipped steps.
+    """
+    found: dict[str, object] = {}
+
+    def visit(node) -> None:
+        if isinstance(node, optax.ScaleByAdamState):
+            found["adam"] = node
+        elif isinstance(node, optax.ScaleByScheduleState):
+            found["schedule"] = node.count
+        elif isinstance(node, optax.MultiStepsState):
+            visit(node.inner_opt_state)
+        elif isinstance(node, tuple):
+            for child in node:
+                visit(child)
+
+    visit(opt_state)
+    if "adam" not in found or "schedule" not in found:
+        raise ValueError("the optimizer state holds no AdamW moments and schedule count")
+    return found["adam"], found["schedule"]
+
+
+def with_adam_state(opt_state, count: int, mu, nu, updates_done: int):
+    """`opt_state` continuing someone else's AdamW: moments `mu`/`nu`, bias-correction `count`,
+    and the schedule (and MultiSteps) at `updates_done` updates. Accumulated gradients stay
+    zero: a checkpoint is only ever taken between updates."""
+
+    def rebuild(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            as_like = lambda new, old: jax.tree_util.tree_map(
+                lambda n, o: jnp.asarray(n, o.dtype).reshape(o.shape), new, old)
+            return node._replace(count=jnp.asarray(count, node.count.dtype),
+                                 mu=as_like(mu, node.mu), nu=as_like(nu, node.nu))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(updates_done, node.count.dtype))
+        if isinstance(node, optax.MultiStepsState):
+            return node._replace(
+                gradient_step=jnp.asarray(updates_done, node.gradient_step.dtype),
+                inner_opt_state=rebuild(node.inner_opt_state))
+        if isinstance(node, tuple) and not hasattr(node, "_fields"):
+            return tuple(rebuild(child) for child in node)
+        return node
+
+    return rebuild(opt_state)
+
+
+def schedule_lr(s: OptimSettings, updates_done: int) -> float:
+    """The learning rate the schedule gave the last of `updates_done` updates (the first
+    update's for 0): what torch's AdamW param groups hold after that update."""
+    return float(make_schedule(s)(max(int(updates_done) - 1, 0)))

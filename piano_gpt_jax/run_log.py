@@ -110,6 +110,11 @@ class RunLog:
                 self.note(f"wandb disabled: {e2}")
                 return None
 
+    @property
+    def wandb_id(self) -> str | None:
+        """The id of the wandb run being logged to (None when wandb is off or failed)."""
+        return getattr(self._wandb, "id", None)
+
     def note(self, message: str) -> None:
         if self.main:
             (self._bar.write if self._bar is not None else print)(message)

@@ -141,11 +141,11 @@ def _eval_batches(cfg: TrainConfig, pipeline, mesh) -> dict[str, list]:
             for s in pipeline.eval_split_names}
 
 
-def _load_init(path: str):
+def _load_init(path: str, with_optimizer: bool = False):
     from piano_gpt_jax.checkpoints import load_any_checkpoint
 
     try:
-        return load_any_checkpoint(path)
+        return load_any_checkpoint(path, with_optimizer=with_optimizer)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise UsageError(f"init_from={path!r}: {e}") from None
 
@@ -202,14 +202,87 @@ def eval_only(cfg: TrainConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig) -> dict:
-    """Train to optimizer.max_iters (resuming when out_dir holds checkpoints); returns a summary."""
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: its own latest checkpoint, init_from, or nothing."""
+
+    source: str
+    tokenizer_desc: dict | None
+    arch: dict | None  # a checkpoint's model_config; None = from the config
+    resume_step: int | None = None
+    init: Any = None  # CheckpointRecord of init_from
+
+
+def _resolve_start(cfg: TrainConfig, ckpt) -> _Start:
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        meta = ckpt.restore_meta(resume_step)
+        return _Start(f"{cfg.out_dir} (resuming step {resume_step})", meta.get("tokenizer_desc"),
+                      meta["model_config"], resume_step=resume_step)
+    if not cfg.from_scratch:
+        init = _load_init(cfg.init_from, with_optimizer=cfg.init_optimizer)
+        return _Start(f"init_from={cfg.init_from}", init.tokenizer_desc,
+                      init.model_config.to_dict(), init=init)
+    return _Start("config", None, None)
+
+
+def _continue_optimizer(state: dict, init, cfg: TrainConfig) -> dict:
+    """`state` carrying init_from's AdamW moments, step count and schedule position."""
     import jax
 
+    from piano_gpt_jax.optim import with_adam_state
+
+    adam = init.optimizer
+    opt_state = with_adam_state(jax.device_get(state["opt_state"]), adam.count, adam.mu, adam.nu,
+                                updates_done=init.meta.step)
+    micro_step = init.meta.step * cfg.optim.gradient_accumulation_steps
+    return {**state, "opt_state": opt_state,
+            "micro_step": np.asarray(micro_step, np.asarray(state["micro_step"]).dtype)}
+
+
+def _note_optimizer_differences(adam, cfg: TrainConfig, run_log) -> None:
+    """init_optimizer keeps our config's hyper-parameters; say where the file's differ."""
+    ours = {"beta1": cfg.optim.beta1, "beta2": cfg.optim.beta2,
+            "weight_decay": cfg.optim.weight_decay, "eps": 1e-8}
+    theirs = {"beta1": adam.b1, "beta2": adam.b2, "weight_decay": adam.weight_decay,
+              "eps": adam.eps}
+    diffs = [f"{k} {theirs[k]:g} -> {ours[k]:g}" for k in ours
+             if not math.isclose(ours[k], theirs[k], rel_tol=1e-6)]
+    if diffs:
+        run_log.note("init_optimizer: continuing with this config's " + ", ".join(diffs))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train to optimizer.max_iters (resuming when out_dir holds checkpoints); returns a summary.
+
+    A run stopped before it wrote anything leaves no out_dir behind.
+    """
+    out_dir = Path(cfg.out_dir)
+    created = not out_dir.exists()
+    try:
+        return _train(cfg)
+    except BaseException:
+        if created:
+            _remove_empty_dirs(out_dir)
+        raise
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove `root` and its subdirectories if no file was written under them."""
+    if not root.is_dir() or any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    root.rmdir()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    import jax
+
+    from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, TrainCheckpointer
     from piano_gpt_jax.model import count_params, init_params
     from piano_gpt_jax.optim import make_optimizer, reference_lr
     from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, truncate_metrics
-    from piano_gpt_jax.train_checkpoints import TrainCheckpointer
     from piano_gpt_jax.train_step import (
         Precision,
         compile_steps,
@@ -226,27 +299,17 @@ def train(cfg: TrainConfig) -> dict:
     mesh = _make_mesh(cfg)
 
     ckpt = TrainCheckpointer(out_dir, cfg.keep_last)
-    resume_step = ckpt.latest_step()
-    init = None
-    if resume_step is not None:
-        meta = ckpt.restore_meta(resume_step)
-        tokenizer_desc, arch = meta.get("tokenizer_desc"), meta["model_config"]
-        source = f"{out_dir} (resuming step {resume_step})"
-    elif not cfg.from_scratch:
-        init = _load_init(cfg.init_from)
-        tokenizer_desc, arch = init.tokenizer_desc, init.model_config.to_dict()
-        source = f"init_from={cfg.init_from}"
-    else:
-        meta, tokenizer_desc, arch, source = {}, None, None, "config"
-    settings, tokenizer, pipeline = _build_data(cfg, tokenizer_desc)
-    model_config = _model_config(cfg, tokenizer.vocab_size, arch)
+    start = _resolve_start(cfg, ckpt)
+    resume_step, init = start.resume_step, start.init
+    settings, tokenizer, pipeline = _build_data(cfg, start.tokenizer_desc)
+    model_config = _model_config(cfg, tokenizer.vocab_size, start.arch)
     if resume_step is not None and cfg.from_scratch:
         wanted = _model_config(cfg, tokenizer.vocab_size)
         if _arch(wanted) != _arch(model_config):
             raise UsageError(
                 f"{out_dir} holds a run of a different model ({_arch(model_config)}) than the "
                 f"config asks for ({_arch(wanted)}); choose a new out_dir to start a new run.")
-    _check_compatible(model_config, tokenizer, cfg, source)
+    _check_compatible(model_config, tokenizer, cfg, start.source)
     tokenizer_desc = tokenizer.to_dict()
 
     tx = make_optimizer(cfg.optim)
@@ -255,15 +318,22 @@ def train(cfg: TrainConfig) -> dict:
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), init.params)
     else:
         params = init_params(model_config, jax.random.PRNGKey(cfg.seed))
-    state = replicate(init_train_state(params, tx, cfg.seed, precision), mesh)
-    iterator = pipeline.train_iterator()
+    state = init_train_state(params, tx, cfg.seed, precision)
     step, total_tokens, best_val = 0, 0, math.inf
+    if init is not None and init.optimizer is not None:
+        state = _continue_optimizer(state, init, cfg)
+        step, total_tokens = init.meta.step, init.meta.total_tokens
+        best_val = init.meta.best_val_loss if init.meta.best_val_loss is not None else math.inf
+    state = replicate(state, mesh)
+    iterator = pipeline.train_iterator()
+    wandb_id = None
     if resume_step is not None:
         state, meta, data_state = ckpt.restore(resume_step, state)
         iterator.set_state(data_state)
-        md = meta.get("metadata", {})
-        step, total_tokens = int(md["step"]), int(md["total_tokens"])
-        best_val = float(md.get("best_val_loss") or math.inf)
+        resumed = RunMeta.from_json(meta.get("metadata"))
+        step, total_tokens = resumed.step, resumed.total_tokens
+        best_val = resumed.best_val_loss if resumed.best_val_loss is not None else math.inf
+        wandb_id = resumed.wandb_id
 
     train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
                                       make_eval_step(model_config), mesh, use_jit=cfg.compile)
@@ -285,14 +355,19 @@ def train(cfg: TrainConfig) -> dict:
                                   model_config.head_dim, settings.context_size)
     device_kind = jax.devices()[0].device_kind
     n_devices = mesh.devices.size
-    run_log.note(f"model: {n_params / 1e6:.2f}M params ({source}); vocab {tokenizer.vocab_size}; "
-                 f"{n_devices} x {device_kind}; global batch {settings.batch_size} x {gas} x "
-                 f"{settings.context_size} tokens; dtype {cfg.dtype}; "
-                 f"eval splits {pipeline.eval_split_names}"
+    run_log.note(f"model: {n_params / 1e6:.2f}M params ({start.source}); vocab "
+                 f"{tokenizer.vocab_size}; {n_devices} x {device_kind}; global batch "
+                 f"{settings.batch_size} x {gas} x {settings.context_size} tokens; dtype "
+                 f"{cfg.dtype}; eval splits {pipeline.eval_split_names}"
                  + (f"; prompt layout {pipeline.prompt_layout}"
                     if settings.stage == "piano_task" else ""))
     if resume_step is not None:
         run_log.note(f"resumed from {out_dir}/checkpoints/{resume_step}")
+    elif init is not None and init.optimizer is not None:
+        run_log.note(f"init_optimizer: continuing {cfg.init_from} at step {step} (Adam step "
+                     f"{init.optimizer.count}, {total_tokens:,} tokens)")
+        _note_optimizer_differences(init.optimizer, cfg, run_log)
+    wandb_id = run_log.wandb_id or wandb_id
 
     def run_eval(at_step: int, train_losses: list) -> dict[str, float]:
         losses = evaluate_losses(eval_fn, state["params"], eval_batches)
@@ -306,6 +381,18 @@ def train(cfg: TrainConfig) -> dict:
             f"{k} {v:.4f}" for k, v in losses.items())
             + (f", train {event['train_loss']:.4f}" if train_losses else ""))
         return event
+
+    def checkpoint_meta(at_step: int, event: dict) -> RunMeta:
+        return RunMeta(
+            step=at_step, total_tokens=total_tokens, train_loss=event.get("train_loss"),
+            val_loss=event["val_loss"],
+            val_losses={k.split("/", 1)[1]: v for k, v in event.items()
+                        if k.startswith("val_loss/")},
+            best_val_loss=best_val if math.isfinite(best_val) else None,
+            run_name=out_dir.name, config=dict(cfg.raw), n_devices=int(n_devices),
+            prompt_layout=pipeline.prompt_layout if settings.stage == "piano_task" else None,
+            wandb_id=wandb_id or stable_run_id(out_dir), wandb_ran=run_log.wandb_id is not None,
+            source=cfg.init_from if init is not None else None)
 
     summary: dict[str, Any] = {"first_val_loss": None, "last_val_loss": None}
     if step == 0:
@@ -343,21 +430,15 @@ def train(cfg: TrainConfig) -> dict:
                 event = run_eval(step, losses_since_eval)
                 losses_since_eval = []
                 summary["last_val_loss"] = event["val_loss"]
-                is_best = event["val_loss"] < best_val
-                best_val = min(best_val, event["val_loss"])
-                metadata = {"step": step, "iteration": step, "total_tokens": total_tokens,
-                            "train_loss": event.get("train_loss"), "val_loss": event["val_loss"],
-                            "val_losses": {k[9:]: v for k, v in event.items()
-                                           if k.startswith("val_loss/")},
-                            "best_val_loss": best_val, "run_name": out_dir.name,
-                            "run_config": dict(cfg.raw)}
-                meta = {"model_config": model_config.to_dict(), "tokenizer_desc": tokenizer_desc,
-                        "metadata": metadata}
-                ckpt.save(step, state, meta, iterator.get_state(), is_best)
+                if math.isfinite(event["val_loss"]):
+                    best_val = min(best_val, event["val_loss"])
+                record = CheckpointRecord(model_config, {}, tokenizer_desc,
+                                          checkpoint_meta(step, event))
+                ckpt.save(step, state, record, iterator.get_state(), event["val_loss"])
                 last_log_time, last_log_step = time.perf_counter(), step  # keep evals out of tok/s
         ckpt.wait()
-        if cfg.export_torch and main_process:
-            _export(ckpt, state, model_config, tokenizer_desc, meta, out_dir, run_log)
+        if cfg.export_torch and main_process and ckpt.latest_step() is not None:
+            _export(ckpt, state, model_config, cfg, out_dir, run_log)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -371,29 +452,74 @@ def _arch(model_config) -> tuple:
             model_config.context_size, model_config.vocab_size)
 
 
-def _export(ckpt, state, model_config, tokenizer_desc, meta, out_dir: Path, run_log) -> None:
-    from piano_gpt_jax.train_checkpoints import export_torch
+def _export(ckpt, state, model_config, cfg: TrainConfig, out_dir: Path, run_log) -> None:
+    """final.pt (the latest checkpoint) and best.pt, with their optimizer states."""
+    try:
+        from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
+    except ImportError as e:  # torch is an optional dependency
+        run_log.note(f"skipping the .pt exports: {e} (pip install torch to enable them)")
+        return
+    from piano_gpt_jax.checkpoints import CheckpointError
 
-    written = [export_torch(out_dir / "final.pt", model_config, state["params"], tokenizer_desc,
-                            meta.get("metadata", {}))]
-    best = ckpt.restore_best_params(state["params"])
-    if best is not None:
-        params, best_meta = best
-        written.append(export_torch(out_dir / "best.pt", model_config, params, tokenizer_desc,
-                                    best_meta.get("metadata", {})))
-    if written[0] is not None:  # None: torch is absent and export_torch has said so
-        run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout)")
+    written = []
+    steps = {"final.pt": ckpt.latest_step(), "best.pt": ckpt.best_step()}
+    for name, step in steps.items():
+        if step is None:
+            continue
+        current = state if step == steps["final.pt"] else None  # else restore that step
+        try:
+            record = _exportable(ckpt, step, state, current, model_config, cfg)
+            written.append(save_torch_checkpoint(out_dir / name, record))
+        except (CheckpointError, ValueError, OSError) as e:
+            raise UsageError(
+                f"training finished and its checkpoints are complete, but exporting {name} "
+                f"failed ({e}); export by hand with python -m converters.jax_to_torch "
+                f"{out_dir} OUT.pt") from None
+    run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout, "
+                 "with optimizer state)")
+
+
+def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: TrainConfig):
+    """The CheckpointRecord of training checkpoint `step` (from `state` when given, else
+    restored), host-side and in float32, with its AdamW state."""
+    import jax
+
+    from piano_gpt_jax.checkpoints import AdamState, CheckpointRecord, RunMeta
+    from piano_gpt_jax.optim import adam_state, schedule_lr
+
+    if state is None:
+        state, meta, _ = ckpt.restore(step, state_like)
+    else:
+        meta = ckpt.restore_meta(step)
+    run_meta = RunMeta.from_json(meta.get("metadata"))
+    host = jax.device_get(state)
+    adam, _ = adam_state(host["opt_state"])
+    f32 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
+    optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),
+                          lr=schedule_lr(cfg.optim, run_meta.step), b1=cfg.optim.beta1,
+                          b2=cfg.optim.beta2, eps=1e-8, weight_decay=cfg.optim.weight_decay)
+    # Export the architecture only: the compute dtype / embedding style are runtime choices.
+    arch = dataclasses.replace(model_config, dtype="float32", one_hot_embedding=False)
+    return CheckpointRecord(arch, f32(host["params"]), meta.get("tokenizer_desc"), run_meta,
+                            optimizer)
+
+
+def stable_run_id(out_dir: Path) -> str:
+    """This run's wandb id: the one in out_dir/wandb_id.txt, else one derived from the path
+    (so exports of a run that never logged to wandb still carry the id a later wandb run of it
+    would use, which piano-gpt's piano_eval requires)."""
+    path = out_dir / "wandb_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    import hashlib
+
+    return hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def _wandb_id(out_dir: Path) -> str:
     """A stable wandb run id per out_dir, so a resumed run continues the same wandb run."""
-    path = out_dir / "wandb_id.txt"
-    if path.exists():
-        return path.read_text().strip()
-    import uuid
-
-    run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    run_id = stable_run_id(out_dir)
+    (out_dir / "wandb_id.txt").write_text(run_id)
     return run_id
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from converters import load_torch_checkpoint, save_torch_checkpoint
 from piano_gpt_jax import evaluate, generate
+from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
 from piano_gpt_jax.data import pieces
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
@@ -40,8 +41,8 @@ def f37ac14_pt(tmp_path_factory) -> Path:
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
                       context_size=128)
     path = tmp_path_factory.mktemp("f37ac14") / "f37ac14.pt"
-    save_torch_checkpoint(path, cfg, init_params(cfg, jax.random.PRNGKey(0)), tok.to_dict(),
-                          {"iteration": 1000})
+    save_torch_checkpoint(path, CheckpointRecord(cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                                                 tok.to_dict(), RunMeta(step=1000)))
     return path
 
 

@@ -17,7 +17,7 @@ import pytest
 from converters import save_torch_checkpoint
 from converters import torch_generate as tg
 from piano_gpt_jax import evaluate, generate, piano_metrics
-from piano_gpt_jax.checkpoints import save_model_checkpoint
+from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, save_model_checkpoint
 from piano_gpt_jax.data.midi_io import read_midi
 from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
 from piano_gpt_jax.model import ModelConfig, init_params
@@ -43,9 +43,10 @@ def setup(tmp_path_factory, maestro_dir):
                       context_size=96, use_time_embedding=True)
     params = _sharpened(init_params(cfg, jax.random.PRNGKey(0)))
     run_dir = tmp / "run"
-    save_model_checkpoint(run_dir, cfg, params, tok.to_dict(), {"note": "test"}, step=7)
+    record = CheckpointRecord(cfg, params, tok.to_dict(), RunMeta(step=7))
+    save_model_checkpoint(run_dir, record)
     pt = tmp / "model.pt"
-    save_torch_checkpoint(pt, cfg, params, tok.to_dict(), {"iteration": 7})
+    save_torch_checkpoint(pt, record)
     midi = sorted(maestro_dir.glob("*.mid"))[2]
     return dict(tmp=tmp, settings=settings, tok=tok, cfg=cfg, params=params, run_dir=run_dir,
                 pt=pt, midi=midi)

@@ -1,4 +1,4 @@
-"""Export to the reference layout, and the bad-input cases of the converters and their CLIs."""
+"""The converter CLIs and the bad-input cases of the `.pt` reader and writer."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ from converters import (
 )
 from converters import jax_to_torch as jax_to_torch_cli
 from converters import torch_to_jax as torch_to_jax_cli
-from converters.conftest import randomize, tiny_config, tokenizer_desc
-from piano_gpt_jax.checkpoints import load_model_checkpoint, save_model_checkpoint
+from converters.testing import randomize, tiny_config, tokenizer_desc
+from piano_gpt_jax.checkpoints import (
+    CheckpointRecord,
+    RunMeta,
+    load_model_checkpoint,
+    save_model_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_export_is_loadable_like_the_reference_does(tmp_path):
     cfg = tiny_config(bias=True, time=True)
     params = state_dict_to_params(cfg, randomize(TorchGPT(cfg)).state_dict())
-    path = save_torch_checkpoint(tmp_path / "out.pt", cfg, params, tokenizer_desc(61),
-                                 {"iteration": 7, "run_name": "run", "val_loss": 2.5,
-                                  "run_config": {"training": {"context_size": 24}}})
+    meta = RunMeta(step=7, run_name="run", val_loss=2.5,
+                   config={"data": {"context_size": 24}, "stage": "piano_task"})
+    path = save_torch_checkpoint(tmp_path / "out.pt",
+                                 CheckpointRecord(cfg, params, tokenizer_desc(61), meta))
     # What the reference does: torch.load(weights_only=False), GPT(model_cfg, vocab, pad), strict.
     ck = torch.load(path, weights_only=False)
     m = ck["model_cfg"]
@@ -42,15 +48,17 @@ def test_export_is_loadable_like_the_reference_does(tmp_path):
     assert ck["run_config"].model.n_embd == 16 and ck["run_config"].training.context_size == 24
     assert ck["run_stats"] == {"iter": 7, "total_tokens": 0, "running_mfu": -1.0,
                                "best_val_loss": 1e9}
-    assert ck["run_name"] == "run" and ck["val_loss"] == 2.5
+    assert ck["run_name"] == "0M-run" and ck["val_loss"] == 2.5
     assert set(ck) >= {"model", "model_cfg", "run_config", "tokenizer_desc", "run_stats",
                        "train_loss", "val_loss", "run_name"}
+    assert "optimizer" not in ck  # none given: weights-only export
     twin = TorchGPT(cfg)
     twin.load_state_dict(ck["model"], strict=True)
     for k, v in params_to_state_dict(cfg, params).items():
         assert torch.equal(twin.state_dict()[k], v)
     back = load_torch_checkpoint(path)
     assert back.model_config == cfg and back.step == 7
+    assert back.meta.config["data"]["context_size"] == 24
     for a, b in zip(*(jax_leaves(p) for p in (params, back.params)), strict=True):
         assert np.array_equal(a, b)
 
@@ -66,12 +74,12 @@ def test_export_without_omegaconf_uses_simplenamespace(tmp_path):
         import sys
         sys.modules["omegaconf"] = None
         import torch
-        from converters import TorchGPT, load_torch_checkpoint, save_torch_checkpoint
-        from converters.state_dict import state_dict_to_params
-        from converters.conftest import tiny_config
+        from converters import (CheckpointRecord, TorchGPT, load_torch_checkpoint,
+                                save_torch_checkpoint, state_dict_to_params)
+        from converters.testing import tiny_config
         cfg = tiny_config()
         p = state_dict_to_params(cfg, TorchGPT(cfg).state_dict())
-        save_torch_checkpoint({str(tmp_path / 'ns.pt')!r}, cfg, p)
+        save_torch_checkpoint({str(tmp_path / 'ns.pt')!r}, CheckpointRecord(cfg, p))
         ck = torch.load({str(tmp_path / 'ns.pt')!r}, weights_only=False)
         print(type(ck["model_cfg"]).__name__, ck["model_cfg"].n_embd,
               load_torch_checkpoint({str(tmp_path / 'ns.pt')!r}).model_config == cfg)
@@ -163,12 +171,12 @@ def test_failed_export_leaves_output_untouched(tmp_path):
     cfg = tiny_config()
     params = state_dict_to_params(cfg, TorchGPT(cfg).state_dict())
     run = tmp_path / "run"
-    save_model_checkpoint(run, cfg, params, step=3)
+    save_model_checkpoint(run, CheckpointRecord(cfg, params, meta=RunMeta(step=3)))
     out = tmp_path / "out.pt"
     out.write_bytes(b"old")
     broken = dict(load_model_checkpoint(run).params)
     broken.pop("ln_f")
     with pytest.raises(CheckpointError, match="ln_f"):
-        save_torch_checkpoint(out, cfg, broken)
+        save_torch_checkpoint(out, CheckpointRecord(cfg, broken))
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "run"]

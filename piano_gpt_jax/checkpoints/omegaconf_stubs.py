@@ -1,11 +1,11 @@
-"""Load a PyTorch checkpoint without letting its pickle run code.
+"""Stand-ins for OmegaConf's classes, so a piano-gpt checkpoint unpickles without running code.
 
 Reference checkpoints pickle OmegaConf `DictConfig` objects (`run_config`, `model_cfg`). A plain
 `torch.load(weights_only=False)` would need omegaconf and would execute whatever the pickle asks
-for. Instead we run torch's weights-only unpickler and allow-list, under the omegaconf class names,
-small stub classes of our own that only store the pickled state. The stubs are then turned into
-plain dicts/lists (resolving simple `${a.b}` interpolations): omegaconf is never imported or
-needed. Anything else a pickle tries to build or call is refused before it runs.
+for. Instead torch's weights-only unpickler (torch_format.py) allow-lists, under the omegaconf
+class names, the small stub classes below, which only store the pickled state. `to_plain` then
+turns the stubs into plain dicts/lists (resolving simple `${a.b}` interpolations): omegaconf is
+never imported or needed. No torch here.
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import collections
 import pickle
 import re
 import typing
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from piano_gpt_jax.checkpoints import CheckpointError
-
-__all__ = ["CheckpointError", "load_checkpoint_dict", "to_plain", "torch_load_restricted"]
-
+__all__ = ["allowed_globals", "to_plain"]
 
 class _Stub:
     """Holds the pickled `__dict__` of an omegaconf object; never runs omegaconf code."""
@@ -74,7 +68,7 @@ def _numpy_scalar_globals() -> list[tuple[Any, str]]:
     return out
 
 
-def _allowed_globals() -> list[tuple[Any, str]]:
+def allowed_globals() -> list[tuple[Any, str]]:
     allowed: list[tuple[Any, str]] = [
         (_DictConfig, "omegaconf.dictconfig.DictConfig"),
         (_ListConfig, "omegaconf.listconfig.ListConfig"),
@@ -93,40 +87,6 @@ def _allowed_globals() -> list[tuple[Any, str]]:
         allowed.append((t, f"builtins.{t.__name__}"))
     return allowed + _numpy_scalar_globals()
 
-
-def torch_load_restricted(path: str | Path) -> Any:
-    """`torch.load` on CPU that refuses anything but tensors, containers and omegaconf configs.
-
-    Omegaconf objects come back as stubs; use `to_plain` to turn them into dicts.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; pass the path of a .pt checkpoint.")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: is not a file; pass the path of a .pt checkpoint.")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path}: not a PyTorch zip checkpoint (truncated, corrupt, or another format). "
-            "Re-copy the file, or re-save it with torch.save in a current torch.")
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise CheckpointError(
-            f"{path}: refused to load: its pickle asks for something outside the allow-list of "
-            f"tensors, containers and OmegaConf configs ({_short_reason(first)}). Nothing from it "
-            "was executed. Only load checkpoints you trust, from their original source."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: could not read the checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-            "the file is probably truncated or corrupt — re-copy it.") from None
-
-
-def _short_reason(msg: str) -> str:
-    m = re.search(r"(GLOBAL [\w.]+|unsupported GLOBAL [\w.]+|function [^\s]+|got <[^>]+>)", msg)
-    return m.group(0) if m else msg[:200]
 
 
 _INTERP = re.compile(r"\$\{([^${}]*)\}")
@@ -232,13 +192,3 @@ def _child(container: Any, key: str) -> Any:
         i = int(key)
         return content[i] if -len(content) <= i < len(content) else None
     return None
-
-
-def load_checkpoint_dict(path: str | Path) -> dict:
-    """The checkpoint's top-level dict, with every omegaconf config turned into plain values."""
-    obj = torch_load_restricted(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{path}: holds a {type(obj).__name__}, not a checkpoint dict with a 'model' entry; "
-            "pass a checkpoint written by the piano-gpt trainer or by converters.")
-    return {k: (v if k in ("model", "optimizer") else to_plain(v)) for k, v in obj.items()}

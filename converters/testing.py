@@ -1,10 +1,11 @@
-"""Fixtures that write checkpoints exactly as the reference trainer (piano-gpt) does."""
+"""Test helpers: tiny models and checkpoints written the way the reference trainer writes them.
+
+The `reference_checkpoint` fixture (root conftest.py) is built from these."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from converters.torch_model import TorchGPT
@@ -78,20 +79,6 @@ def write_reference_checkpoint(path: Path, model: TorchGPT, layout: str = "curre
         }
     torch.save(ckpt, path)
     return path
-
-
-@pytest.fixture
-def reference_checkpoint(tmp_path):
-    """Factory: (bias, time, layout) -> (path, TorchGPT with the saved weights)."""
-
-    def make(bias: bool = False, time: bool = False, layout: str = "current", seed: int = 0):
-        torch.manual_seed(seed)
-        model = randomize(TorchGPT(tiny_config(bias, time)), seed)
-        path = write_reference_checkpoint(tmp_path / f"ref-{bias}-{time}-{layout}.pt", model,
-                                          layout)
-        return path, model
-
-    return make
 
 
 def randomize(model: TorchGPT, seed: int = 0) -> TorchGPT:

@@ -1,4 +1,5 @@
-"""Reference checkpoints load without running their pickle; malicious ones are refused."""
+"""piano-gpt `.pt` files: reference checkpoints load without running their pickle (malicious
+ones are refused), and what we write is what piano-gpt writes."""
 
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from converters import CheckpointError, load_torch_checkpoint
-from converters.conftest import tiny_config
-from converters.safe_load import load_checkpoint_dict, to_plain, torch_load_restricted
+from converters.testing import tiny_config
 from converters.torch_model import TorchGPT
+from piano_gpt_jax.checkpoints import CheckpointError
+from piano_gpt_jax.checkpoints.omegaconf_stubs import to_plain
+from piano_gpt_jax.checkpoints.torch_format import (
+    load_checkpoint_dict,
+    load_torch_checkpoint,
+    torch_load_restricted,
+)
 from piano_gpt_jax.model import forward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,24 +53,29 @@ def test_reference_checkpoint_loads_and_matches(reference_checkpoint, bias, time
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.use_time_embedding) == \
         (2, 2, 16, bias, time)
     assert cfg.vocab_size == 61 and cfg.context_size == 24  # inferred / interpolation resolved
-    meta = ck.metadata
-    assert meta["iteration"] == 501 and ck.step == 501 and meta["total_tokens"] == 123456
-    assert meta["run_name"] == "0M-pretraining-test" and meta["val_loss"] == 4.5
-    assert meta["run_config"]["model"]["context_size"] == 24
-    assert meta["run_config"]["run_name_suffix"] == "pretraining-${now:%Y-%m-%d-%H-%M}"
-    assert meta["run_config"]["dataset"]["augmentation"]["speed_change_factors"] == [0.95, 1.05]
+    meta = ck.meta
+    assert ck.step == 501 and meta.total_tokens == 123456 and meta.best_val_loss == 4.5
+    assert meta.run_name == "0M-pretraining-test" and meta.val_loss == 4.5
+    reference = meta.reference_run_config
+    assert reference["model"]["context_size"] == 24
+    assert reference["run_name_suffix"] == "pretraining-${now:%Y-%m-%d-%H-%M}"
+    assert reference["dataset"]["augmentation"]["speed_change_factors"] == [0.95, 1.05]
+    # ... and in our vocabulary
+    assert meta.config["stage"] == "next_token_pretraining"
+    assert meta.config["data"] == {"context_size": 24, "batch_size": 8}
+    assert meta.config["optimizer"]["gradient_accumulation_steps"] == 8
+    assert meta.config["dataset"]["extra_datasets"] == ("epr-labs/piano-midi-de",)
     assert len(ck.tokenizer_desc["parameters"]["vocab"]) == 61
-    json.dumps(meta)
+    json.dumps(meta.to_json())
     assert _logit_diff(path, model) < 1e-5
 
 
 def test_legacy_checkpoint_loads(reference_checkpoint):
     path, model = reference_checkpoint(bias=False, time=False, layout="legacy")
     ck = load_torch_checkpoint(path)
-    assert ck.metadata["source_layout"] == "legacy"
-    assert ck.step == 2000 and ck.metadata["best_val_loss"] == 3.5
-    assert ck.metadata["train_loss"] == 3.25 and ck.metadata["run_name"] == "legacy-run"
-    assert ck.metadata["wandb_id"] == "abc"
+    assert ck.step == 2000 and ck.meta.best_val_loss == 3.5
+    assert ck.meta.train_loss == 3.25 and ck.meta.run_name == "legacy-run"
+    assert ck.meta.wandb_id == "abc" and ck.meta.extra["wandb"] == "https://wandb.ai/x"
     assert _logit_diff(path, model) < 1e-5
 
 
@@ -99,7 +110,7 @@ def test_loads_without_omegaconf_installed(reference_checkpoint):
         ck = load_torch_checkpoint({str(path)!r})
         assert "omegaconf" not in [m for m, v in sys.modules.items() if v is not None]
         print(ck.model_config.context_size, ck.model_config.bias, ck.step,
-              ck.metadata["run_config"]["model"]["context_size"])
+              ck.meta.reference_run_config["model"]["context_size"])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)

@@ -1,0 +1,37 @@
+"""Checkpoints: one record (record.py), our orbax run directory (run_dir.py), piano-gpt's `.pt`
+format (torch_format.py, torch imported lazily), and the run config in both vocabularies
+(run_config.py)."""
+
+from piano_gpt_jax.checkpoints.record import (
+    AdamState,
+    CheckpointError,
+    CheckpointRecord,
+    RunMeta,
+    jsonable,
+)
+from piano_gpt_jax.checkpoints.run_dir import (
+    BEST_SUBDIR,
+    CHECKPOINTS_SUBDIR,
+    TrainCheckpointer,
+    abstract_params,
+    load_any_checkpoint,
+    load_model_checkpoint,
+    resolve_step_dir,
+    save_model_checkpoint,
+)
+
+__all__ = [
+    "BEST_SUBDIR",
+    "CHECKPOINTS_SUBDIR",
+    "AdamState",
+    "CheckpointError",
+    "CheckpointRecord",
+    "RunMeta",
+    "TrainCheckpointer",
+    "abstract_params",
+    "jsonable",
+    "load_any_checkpoint",
+    "load_model_checkpoint",
+    "resolve_step_dir",
+    "save_model_checkpoint",
+]

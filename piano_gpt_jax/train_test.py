@@ -1,0 +1,80 @@
+"""The trainer's refusals around init_from / init_optimizer: one clear message, exit code 2,
+nothing written (the out_dir is not even created)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from piano_gpt_jax import train as trainer
+from piano_gpt_jax.config import ConfigError, build_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _variant(reference_checkpoint, tmp_path: Path, name: str, mutate) -> Path:
+    path, _ = reference_checkpoint(bias=True)
+    ckpt = torch.load(path, weights_only=False)
+    mutate(ckpt)
+    out = tmp_path / name
+    torch.save(ckpt, out)
+    return out
+
+
+def _move_one_param_between_groups(ckpt):
+    groups = ckpt["optimizer"]["param_groups"]
+    groups[0]["params"].append(groups[1]["params"].pop(0))
+
+
+def _wrong_moment_shape(ckpt):
+    ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
+
+
+CASES = {
+    "no optimizer": (lambda c: c.pop("optimizer"), True, "holds no optimizer state"),
+    "group sizes": (_move_one_param_between_groups, True,
+                    r"groups of sizes \[11, 17\], but this model needs \[10, 18\]"),
+    "moment shape": (_wrong_moment_shape, True, r"exp_avg of parameter 0 .* shape \(3, 3\)"),
+    "foreign run_config": (lambda c: c.__setitem__("run_config", {"foo": {"bar": 1}}), False,
+                           "neither vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_init_checkpoints_stop_before_anything_is_written(reference_checkpoint, tmp_path,
+                                                               case):
+    mutate, init_optimizer, message = CASES[case]
+    pt = _variant(reference_checkpoint, tmp_path, "bad.pt", mutate)
+    out = tmp_path / "run"
+    cfg = build_train_config({"out_dir": str(out), "init_from": str(pt),
+                              "init_optimizer": init_optimizer,
+                              "dataset": {"base_dataset_name": str(tmp_path / "no-data")}})
+    with pytest.raises(trainer.UsageError, match=message):
+        trainer.train(cfg)
+    assert not out.exists()
+
+
+def test_the_command_line_exits_2_with_one_line(reference_checkpoint, tmp_path):
+    pt = _variant(reference_checkpoint, tmp_path, "legacy.pt", lambda c: c.pop("optimizer"))
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "piano_gpt_jax.train", "--config", "configs/piano.py:tiny",
+         f"--config.init_from={pt}", "--config.init_optimizer=True",
+         f"--config.out_dir={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "holds no optimizer state" in r.stderr and "drop init_optimizer" in r.stderr
+    assert not out.exists()
+
+
+def test_init_optimizer_needs_a_checkpoint():
+    with pytest.raises(ConfigError, match="init_optimizer=True .* init_from is "
+                                          "scratch_next_token"):
+        build_train_config({"init_optimizer": True})
