@@ -1,0 +1,101 @@
+"""Checkpoints for the Generate page: which ones exist under the runs folder, and loading one into
+everything sampling needs (params, tokenizer, token tables, prompt layout).
+
+Loading goes through `checkpoints.load_any_checkpoint` only, so `.pt` files are read by the safe
+loader (a malicious pickle is refused, never run) and every failure becomes one readable message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from piano_gpt_jax.app.errors import AppError
+
+CHECKPOINT_SUBDIRS = ("checkpoints", "best")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: str
+    model_config: Any  # piano_gpt_jax.model.ModelConfig
+    params: Any
+    tokenizer: Any  # ExponentialTimeTokenizer
+    tables: Any  # sampling.TokenTables
+    layout: str  # "head" or "f37ac14": how PIANO-task prompts are laid out for this vocabulary
+    step: int | None
+
+    def has_tokens(self, tokens: list[str] | tuple[str, ...]) -> bool:
+        return all(t in self.tokenizer.token_to_id for t in tokens)
+
+    @property
+    def summary(self) -> str:
+        c = self.model_config
+        return (f"{c.n_layer} layers x {c.n_embd}, {c.n_head} heads, context {c.context_size}, "
+                f"vocab {c.vocab_size}, step {self.step}, {self.layout} prompt layout"
+                + (", music-time embedding" if c.use_time_embedding else ""))
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / sub).is_dir() for sub in CHECKPOINT_SUBDIRS)
+
+
+def list_checkpoints(runs_root: Path) -> list[Path]:
+    """Run directories and `.pt` files directly under `runs_root` and one level below (the
+    trainer's exports sit in their run directory)."""
+    if not runs_root.is_dir():
+        return []
+    found: list[Path] = []
+    for run in sorted(p for p in runs_root.iterdir() if not p.name.startswith(".")):
+        if run.is_dir():
+            if is_run_dir(run):
+                found.append(run)
+            found += sorted(p for p in run.glob("*.pt") if p.is_file())
+        elif run.suffix == ".pt" and run.is_file():
+            found.append(run)
+    return found
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Everything sampling needs from a run directory or a `.pt`; raises AppError."""
+    from piano_gpt_jax import generate, sampling
+    from piano_gpt_jax.checkpoints import load_any_checkpoint
+    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+    path = Path(str(path).strip()).expanduser()
+    if not str(path) or not path.exists():
+        raise AppError(f"checkpoint {str(path)!r} does not exist: give a run directory (with "
+                       "checkpoints/ or best/) or a .pt file")
+    try:
+        ck = load_any_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 — orbax/torch raise many types; all mean "unusable"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AppError(f"cannot load checkpoint {path}: {message[:500]}") from None
+    if ck.tokenizer_desc is None:
+        raise AppError(f"{path} carries no tokenizer_desc, so its token ids cannot be turned into "
+                       "notes; export it with its tokenizer")
+    try:
+        tokenizer = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AppError(f"the tokenizer of {path} cannot be rebuilt: {e}") from None
+    if tokenizer.vocab_size != ck.model_config.vocab_size:
+        raise AppError(f"{path}: tokenizer ({tokenizer.vocab_size} tokens) and model "
+                       f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
+    return LoadedModel(str(path), ck.model_config, ck.params, tokenizer,
+                       sampling.token_tables(tokenizer.vocab),
+                       generate.prompt_layout_of(tokenizer), ck.step)
+
+
+def cache_key(path: str | Path) -> tuple[str, float]:
+    """(resolved path, newest mtime): a checkpoint re-written in place is loaded again."""
+    p = Path(str(path).strip()).expanduser()
+    try:
+        resolved = p.resolve()
+        mtimes = [resolved.stat().st_mtime]
+        for sub in CHECKPOINT_SUBDIRS:
+            if (resolved / sub).is_dir():
+                mtimes += [c.stat().st_mtime for c in (resolved / sub).iterdir()]
+        return str(resolved), max(mtimes)
+    except OSError:
+        return str(p), 0.0

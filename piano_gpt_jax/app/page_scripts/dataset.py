@@ -1,0 +1,5 @@
+"""Page script run by st.navigation (a file, so AppTest.switch_page can open it too)."""
+
+from piano_gpt_jax.app import dataset_page
+
+dataset_page.render()

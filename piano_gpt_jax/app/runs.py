@@ -1,0 +1,206 @@
+"""Reading run directories for the Runs page: `metrics.jsonl` events, the run's config and its
+exports.
+
+Everything is read defensively: a run that is still being written (a torn last line), a run
+without checkpoints, or a config in an unexpected shape shows what is there and says what is not.
+The checkpoint meta file is read as plain JSON (`<run>/{checkpoints,best}/<step>/meta/metadata`)
+instead of restoring a checkpoint, so listing runs never loads parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from piano_gpt_jax.checkpoints.record import CheckpointError, RunMeta
+from piano_gpt_jax.config import flatten
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_SUBDIRS = ("checkpoints", "best")
+EXPORT_SUFFIXES = (".pt",)
+
+
+@dataclass
+class Run:
+    path: Path
+    events: list[dict] = field(default_factory=list)
+    torn_lines: int = 0  # lines that are not JSON (a run killed mid-write)
+    config: dict | None = None
+    config_source: str | None = None
+    exports: list[Path] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == kind]
+
+
+def is_run(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file() or any((path / s).is_dir() for s in CHECKPOINT_SUBDIRS)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """`root` itself when it is a run, and its sub-directories that are runs."""
+    if not root.is_dir():
+        return []
+    found = [root] if is_run(root) else []
+    found += sorted(p for p in root.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and is_run(p))
+    return found
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """(events in file order, number of unreadable lines)."""
+    events, torn = [], 0
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(value, dict) and isinstance(value.get("step"), (int, float)):
+            events.append(value)
+        else:
+            torn += 1
+    return events, torn
+
+
+def latest_meta(run_dir: Path) -> tuple[dict | None, Path | None]:
+    """The JSON meta of the newest checkpoint step (checkpoints/ first, then best/)."""
+    for sub in CHECKPOINT_SUBDIRS:
+        d = run_dir / sub
+        if not d.is_dir():
+            continue
+        steps = sorted((p for p in d.iterdir() if p.name.isdigit()), key=lambda p: int(p.name),
+                       reverse=True)
+        for step_dir in steps:
+            meta_file = step_dir / "meta" / "metadata"
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict):
+                return meta, meta_file
+    return None, None
+
+
+def find_config(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(run config, where it came from): the newest checkpoint's config in our vocabulary
+    (RunMeta reads every schema version, piano-gpt's translated), else a JSON file in the run
+    directory holding an object."""
+    meta, meta_file = latest_meta(run_dir)
+    if meta is not None:
+        try:
+            run_meta = RunMeta.from_json(meta.get("metadata"))
+        except CheckpointError:
+            run_meta = None
+        config = run_meta and (run_meta.config or run_meta.reference_run_config)
+        if config:
+            return config, str(meta_file)
+    for candidate in sorted(run_dir.glob("*.json")):
+        try:
+            value = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict) and value:
+            return value, str(candidate)
+    return None, None
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    events, torn = read_metrics(path / METRICS_FILE)
+    config, source = find_config(path)
+    exports = sorted(p for p in path.iterdir() if p.suffix in EXPORT_SUFFIXES and p.is_file()) \
+        if path.is_dir() else []
+    return Run(path, events, torn, config, source, exports)
+
+
+def config_value(config: dict | None, dotted: str) -> Any:
+    """A value from a flat ("data.context_size", ours) or nested ({"data": {...}}) config."""
+    if not config:
+        return None
+    if dotted in config:
+        return config[dotted]
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def flat_config(config: dict) -> dict[str, Any]:
+    """Nested configs (ours, the reference's Hydra run_config) as dotted keys."""
+    return flatten(config)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def loss_curves(runs: list[Run]) -> pd.DataFrame:
+    """Long table run, curve, step, tokens, loss: the train loss of train events and one
+    validation curve per eval split (val_loss/<split>) of eval events."""
+    rows = []
+    for run in runs:
+        for e in run.events:
+            kind = e.get("event")
+            if kind == "train" and _finite(e.get("train_loss")):
+                rows.append((run.name, "train", e["step"], e.get("tokens"), e["train_loss"]))
+            elif kind == "eval":
+                for key, value in e.items():
+                    if key.startswith("val_loss/") and _finite(value):
+                        rows.append((run.name, f"val {key[9:]}", e["step"], e.get("tokens"),
+                                     value))
+    df = pd.DataFrame(rows, columns=["run", "curve", "step", "tokens", "loss"])
+    df["tokens"] = pd.to_numeric(df["tokens"], errors="coerce")
+    return df
+
+
+def train_series(runs: list[Run], key: str) -> pd.DataFrame:
+    """Long table run, step, tokens, <key> of the train events (lr, tokens_per_s, ...)."""
+    rows = [(run.name, e["step"], e.get("tokens"), e[key]) for run in runs
+            for e in run.of_kind("train") if _finite(e.get(key))]
+    df = pd.DataFrame(rows, columns=["run", "step", "tokens", key])
+    df["tokens"] = pd.to_numeric(df["tokens"], errors="coerce")
+    return df
+
+
+def latest_eval(run: Run) -> pd.DataFrame | None:
+    """Loss per eval split at the last evaluation, with its step."""
+    evals = run.of_kind("eval")
+    if not evals:
+        return None
+    last = evals[-1]
+    rows = [(key[9:], value) for key, value in last.items()
+            if key.startswith("val_loss/") and _finite(value)]
+    if _finite(last.get("train_loss")):
+        rows.append(("train (mean since previous eval)", last["train_loss"]))
+    df = pd.DataFrame(rows, columns=["split", "loss"]).set_index("split")
+    df.attrs["step"] = last["step"]
+    return df
+
+
+def latest_task_eval(run: Run) -> pd.DataFrame | None:
+    """PIANO-task metrics of the newest `evaluate` run logged here (split x task rows)."""
+    rows = run.of_kind("task_eval")
+    if not rows:
+        return None
+    step = max(r["step"] for r in rows)
+    keep = [r for r in rows if r["step"] == step]
+    df = pd.DataFrame(keep).drop(columns=["event", "checkpoint"], errors="ignore")
+    return df.set_index(["split", "task"]) if {"split", "task"} <= set(df.columns) else df
