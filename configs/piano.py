@@ -134,6 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_interval = 1000
     c.eval_iters = 50
     c.eval_only = False
+    c.overwrite = False  # True: a new run moves an earlier run's outputs in out_dir aside
+    c.nonfinite_patience = 10  # stop after this many consecutive updates with a NaN/inf loss
     c.eval_metrics = False  # eval_only: also generate and score PIANO-task metrics
     c.eval_examples = 16  # examples per split for eval_metrics
 

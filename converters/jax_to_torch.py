@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from piano_gpt_jax.checkpoints import CheckpointError, load_model_checkpoint, resolve_step_dir
+from piano_gpt_jax.checkpoints import CheckpointError, load_model_checkpoint
 from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 
 
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "another name.")
         if args.output.is_dir():
             raise CheckpointError(f"{args.output} is a directory; name a .pt file.")
-        step_dir = resolve_step_dir(args.input)
-        with_optimizer = not args.weights_only and (step_dir / "train").is_dir()
-        ck = load_model_checkpoint(step_dir, with_optimizer=with_optimizer)
+        ck = load_model_checkpoint(args.input, with_optimizer=not args.weights_only,
+                                   optimizer_required=False)
         save_torch_checkpoint(args.output, ck)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

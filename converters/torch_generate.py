@@ -49,6 +49,9 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
     """Decode each prompt (one row at a time) with a full forward pass per token."""
     ctx = model.config.context_size
     keep = settings.kept_tokens(ctx)
+    longest = max(len(p) for p in prompts)
+    sampling.check_buffer_memory(len(prompts), longest + settings.max_new_tokens,
+                                 settings.max_new_tokens)
     stop_id = tables.stop_id if settings.stop_at_eos else -1
     gen = torch.Generator().manual_seed(settings.seed)
     new_tokens, stopped = [], []

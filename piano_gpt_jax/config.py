@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,6 +77,8 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "eval_interval": ((int,), 1000),
     "eval_iters": ((int,), 50),
     "eval_only": ((bool,), False),
+    "overwrite": ((bool,), False),
+    "nonfinite_patience": ((int,), 10),
     "eval_metrics": ((bool,), False),
     "eval_examples": ((int,), 16),
     "checkpoint.keep_last": ((int,), 3),
@@ -138,6 +141,8 @@ class TrainConfig:
     eval_interval: int
     eval_iters: int
     eval_only: bool
+    overwrite: bool  # a new run may move an earlier run's outputs in out_dir aside
+    nonfinite_patience: int  # stop after this many consecutive updates with a non-finite loss
     eval_metrics: bool
     eval_examples: int
     keep_last: int
@@ -195,6 +200,10 @@ def complete(nested: Mapping[str, Any]) -> dict[str, Any]:
 def suggest_key(key: str, valid: list[str] | None = None) -> str:
     """A 'did you mean' hint for a mistyped dotted key (matched on the full path, then the leaf)."""
     valid = list(SCHEMA) if valid is None else valid
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k != key]
+    if len(same_leaf) == 1:  # e.g. max_iters -> optimizer.max_iters
+        return f" Did you mean {same_leaf[0]!r}?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -214,7 +223,13 @@ def _check_type(key: str, value: Any) -> Any:
             f"config key {key!r} must be {_type_names(types)}, got {type(value).__name__} "
             f"{value!r}. Fix it in the config file or with --config.{key}=...")
     if types == _NUM:
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} is {value}; it must be a finite number.")
         return float(value)
+    if isinstance(value, (list, tuple)) and any(
+            isinstance(x, float) and not math.isfinite(x) for x in value):
+        raise ConfigError(f"config key {key!r} holds a non-finite number ({value!r}); every "
+                          "value must be finite.")
     if isinstance(value, list):
         return tuple(value)
     return value
@@ -286,6 +301,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
                 "data.batch_size", "data.context_size", "data.notes_per_record",
                 "optimizer.gradient_accumulation_steps", "optimizer.max_iters", "eval_interval",
                 "eval_iters", "logging.log_interval", "checkpoint.keep_last", "eval_examples",
+                "nonfinite_patience",
                 "tokenizer.n_velocity_bins", "tokenizer.n_special_ids"):
         _positive(key, v[key])
     for key in ("lr.warmup_iters", "lr.lr_decay_iters", "optimizer.weight_decay",
@@ -311,6 +327,15 @@ def build_train_config(cfg: Any) -> TrainConfig:
     if v["lr.decay_lr"] and v["lr.min_lr"] > v["lr.learning_rate"]:
         raise ConfigError(f"lr.min_lr ({v['lr.min_lr']}) is above lr.learning_rate "
                           f"({v['lr.learning_rate']}); the cosine would climb instead of decay.")
+    factors = v["dataset.augmentation.speed_change_factors"]
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+               and f > 0 for f in factors):
+        raise ConfigError(f"dataset.augmentation.speed_change_factors must be positive finite "
+                          f"numbers, got {factors!r}; write e.g. --config.dataset.augmentation."
+                          "speed_change_factors=\"(0.95, 1.05)\".")
+    if not all(isinstance(d, str) for d in v["dataset.extra_datasets"]):
+        raise ConfigError(f"dataset.extra_datasets must name datasets (strings), got "
+                          f"{v['dataset.extra_datasets']!r}.")
     splits = v["data.eval_splits"]
     if splits != "auto":
         splits = _names("data.eval_splits", splits)
@@ -364,7 +389,8 @@ def build_train_config(cfg: Any) -> TrainConfig:
         loss_masking=v["loss_masking"], model=model, optim=optim, data_kwargs=data_kwargs,
         platform=DEVICES[device], dtype=v["system.dtype"], compile=v["system.compile"],
         ddp_backend=DDP_BACKENDS[v["ddp.backend"]], eval_interval=v["eval_interval"],
-        eval_iters=v["eval_iters"], eval_only=v["eval_only"], eval_metrics=v["eval_metrics"],
+        eval_iters=v["eval_iters"], eval_only=v["eval_only"], overwrite=v["overwrite"],
+        nonfinite_patience=v["nonfinite_patience"], eval_metrics=v["eval_metrics"],
         eval_examples=v["eval_examples"], keep_last=v["checkpoint.keep_last"],
         export_torch=v["checkpoint.export_torch"], wandb_log=v["logging.wandb_log"],
         wandb_project=v["logging.wandb_project"], wandb_entity=v["logging.wandb_entity"],

@@ -135,6 +135,23 @@ def data_settings_for_checkpoint(ck, dataset: str | None = None, stage: str | No
     return DataSettings(**kwargs)
 
 
+def piano_task_refusal(ck) -> str | None:
+    """Why `ck` cannot answer PIANO-task prompts (None when it can): a model trained for next-token
+    prediction never saw a task prompt or <GENAI>, so its "metrics" would be meaningless (and
+    `generate --task` refuses it for the same reason)."""
+    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+    stage = (ck.meta.config or {}).get("stage")
+    if stage == "next_token_pretraining":
+        return ("it was trained for next-token prediction (stage next_token_pretraining); "
+                "PIANO-task metrics need a checkpoint trained on PIANO tasks (stage piano_task)")
+    vocab = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc).token_to_id
+    if "<GENAI>" not in vocab:
+        return ("its vocabulary has no <GENAI> token, so it was never trained on PIANO-task "
+                "prompts; evaluate a piano_task checkpoint")
+    return None
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def format_tables(results: dict, max_columns: int = 6) -> str:
     """One table per split: metrics down, tasks across ("all" first), wrapped to fit a terminal."""
@@ -195,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if args.n_examples < 1:
         raise SystemExit("error: --n-examples must be at least 1")
+    try:  # the sampler's own checks (finite, temperature >= 0, ...), before any work
+        sampling.SamplingSettings(temperature=args.temperature, top_k=args.top_k or 0)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     from piano_gpt_jax.checkpoints import load_any_checkpoint
     from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 
@@ -206,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ck.tokenizer_desc is None:
         raise SystemExit(f"error: {path} has no tokenizer_desc; PIANO prompts need the run's "
                          "tokenizer. Re-export the checkpoint with its tokenizer.")
+    refusal = piano_task_refusal(ck)
+    if refusal:
+        raise SystemExit(f"error: {path}: {refusal}")
     try:
         settings = data_settings_for_checkpoint(ck, args.dataset, stage="piano_task")
         tokenizer = build_tokenizer(settings, ck.tokenizer_desc)

@@ -115,6 +115,38 @@ def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
     return ids.astype(np.int32), source, target
 
 
+def fit_prompt(build, notes: pd.DataFrame, context_size: int, explicit: bool):
+    """(build(notes) with a prompt shorter than the context, a note or None).
+
+    A prompt must leave the model room to generate: cutting it from the front would drop the
+    task and prefix tokens it was trained to read. When the notes were not asked for explicitly
+    (--prompt-notes), the prompt keeps the most notes that fit; otherwise GenerateError says how
+    many would.
+    """
+    built = build(notes)
+    if len(built[0]) < context_size:
+        return built, None
+    fits = 0  # the most notes whose prompt fits (prompt length grows with the notes)
+    lo, hi = 1, len(notes) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            ok = len(build(notes.iloc[:mid])[0]) < context_size
+        except GenerateError:  # e.g. a task that leaves these few notes no target
+            ok = False
+        if ok:
+            fits, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    what = (f"the prompt of {len(notes)} notes is {len(built[0])} tokens but the model's "
+            f"context is {context_size}")
+    if fits == 0:
+        raise GenerateError(f"{what}, and not even one note fits with its prefix tokens")
+    if explicit:
+        raise GenerateError(f"{what}; at most {fits} of these notes fit (--prompt-notes {fits})")
+    return build(notes.iloc[:fits]), f"{what}: kept the first {fits} notes"
+
+
 def resolve_task(name: str):
     from piano_gpt_jax.tasks import resolve_tasks
 
@@ -268,15 +300,20 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     layout = prompt_layout_of(tokenizer)
     tables = sampling.token_tables(tokenizer.vocab)
     if task is not None:
-        prompt_ids, shown_prompt, target = task_prompt(tokenizer, task, notes, dataset_token,
-                                                       composer_token, layout)
-        offset = 0.0
+        build = lambda n: task_prompt(tokenizer, task, n, dataset_token, composer_token, layout)
     else:
-        prompt_ids = continuation_prompt(tokenizer, notes, dataset_token, composer_token)
-        shown_prompt, target = notes, None
+        build = lambda n: (continuation_prompt(tokenizer, n, dataset_token, composer_token),
+                           n, None)
+    (prompt_ids, shown_prompt, target), fit_note = fit_prompt(
+        build, notes, ck.model_config.context_size, explicit=args.prompt_notes is not None)
+    offset = 0.0
+    if task is None:
         # New notes go after the prompt's last event: the seconds its time tokens cover.
         offset = int(tables.time_increment[prompt_ids].sum()) * tokenizer.time_unit
-    result = sampler(ck, [prompt_ids] * args.num_samples, settings, tables)
+    try:
+        result = sampler(ck, [prompt_ids] * args.num_samples, settings, tables)
+    except ValueError as e:  # a request the sampler refuses up front (e.g. memory)
+        raise GenerateError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     write_midi(shown_prompt, paths["prompt"])
     if target is not None:
@@ -301,6 +338,7 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                         "notes": int(len(generated)), "seconds": seconds,
                         "stopped": bool(result.stopped[k])})
     summary = {"checkpoint": str(args.checkpoint), "step": ck.step, "prompt": described,
+               "prompt_note": fit_note,
                "task": task.task_name if task else None,
                "prompt_layout": layout, "prompt_tokens": int(len(prompt_ids)),
                "prompt_notes": int(len(shown_prompt)),
@@ -317,6 +355,8 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
 def print_summary(s: dict[str, Any]) -> None:
     what = f"task {s['task']}" if s["task"] else "continuation"
     print(f"{what} of {s['prompt']} with {s['checkpoint']} (step {s['step']})")
+    if s.get("prompt_note"):
+        print(s["prompt_note"])
     line = f"prompt: {s['prompt_notes']} notes, {s['prompt_tokens']} tokens"
     if "target_notes" in s:
         line += f"; original target: {s['target_notes']} notes"

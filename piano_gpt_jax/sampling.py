@@ -21,6 +21,8 @@ tokens), rather than recomputed on the cropped window as the reference does.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -53,6 +55,9 @@ class SamplingSettings:
     window_keep: int | None = None  # tokens kept when the context is full; None: context // 2
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -281,6 +286,29 @@ def _compiled(jitted, cfg: ModelConfig, static: int, args: tuple):
     return fn, time.perf_counter() - t0
 
 
+# Bytes per (row, position) the sampler holds: token and time-step buffers (int32) on the device,
+# their host copies, and the returned ids.
+_BYTES_PER_POSITION = 4 * 2 * 2 + 8
+
+
+def check_buffer_memory(batch: int, length: int, max_new_tokens: int) -> None:
+    """Refuse up front a request whose token buffers cannot fit in half of this machine's
+    memory, instead of allocating until the kernel kills the process."""
+    need = batch * length * _BYTES_PER_POSITION
+    try:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > budget:
+        overhead = length - max_new_tokens  # the prompt and rounding
+        fits = max(budget // (batch * _BYTES_PER_POSITION) - overhead - _LENGTH_BUCKET, 0)
+        raise ValueError(
+            f"{batch} sample(s) of {max_new_tokens:,} new tokens need about "
+            f"{need / 2**30:.1f} GiB of token buffers, more than half of this machine's memory "
+            f"({2 * budget / 2**30:.1f} GiB); ask for at most {fits:,} new tokens per sample "
+            "(or fewer samples).")
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -320,6 +348,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     lens = np.array([len(r) for r in rows], np.int32)
     B = len(rows)
     L = _round_up(int(lens.max()) + settings.max_new_tokens, _LENGTH_BUCKET)
+    check_buffer_memory(B, L, settings.max_new_tokens)
     tokens = np.zeros((B, L), np.int32)
     steps = np.zeros((B, L), np.int32)
     for i, (r, st) in enumerate(zip(rows, row_steps, strict=True)):

@@ -14,6 +14,7 @@ and at the end; every evaluation after step 0 also writes a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax.config import SCHEMA, ConfigError, TrainConfig, build_train_config, suggest_key
 
 log = logging.getLogger("piano_gpt_jax.train")
@@ -32,6 +34,11 @@ log = logging.getLogger("piano_gpt_jax.train")
 
 class UsageError(Exception):
     """Stops the run with a message and exit code 2 (no traceback)."""
+
+
+class CheckpointWriteError(UsageError):
+    """A checkpoint could not be written (disk full, ...); orbax's background writes may still
+    be failing, so the process ends without tearing them down (which only adds tracebacks)."""
 
 
 # ----------------------------------------------------------------------------------- start-up
@@ -47,9 +54,11 @@ def check_devices(cfg: TrainConfig) -> None:
 
     try:
         jax.devices()
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 — RuntimeError, or an AssertionError from jax
+        reason = (str(e).strip().splitlines()[0] if str(e).strip()
+                  else f"no {cfg.platform} backend is available")
         raise UsageError(
-            f"system.device asks for {cfg.platform!r} but JAX cannot use it here ({e}). "
+            f"system.device asks for {cfg.platform!r} but JAX cannot use it here ({reason}). "
             "On a CPU-only machine add --config.system.device=cpu (or use the :tiny preset)."
         ) from None
 
@@ -204,26 +213,60 @@ def eval_only(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class _Start:
-    """Where a run starts: its own latest checkpoint, init_from, or nothing."""
+    """Where a run starts: its own newest restorable checkpoint, init_from, or nothing."""
 
     source: str
     tokenizer_desc: dict | None
     arch: dict | None  # a checkpoint's model_config; None = from the config
-    resume_step: int | None = None
+    resumed: tuple | None = None  # (step, state on the mesh, meta, data iterator state)
     init: Any = None  # CheckpointRecord of init_from
 
 
-def _resolve_start(cfg: TrainConfig, ckpt) -> _Start:
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        meta = ckpt.restore_meta(resume_step)
-        return _Start(f"{cfg.out_dir} (resuming step {resume_step})", meta.get("tokenizer_desc"),
-                      meta["model_config"], resume_step=resume_step)
+def _resolve_start(cfg: TrainConfig, ckpt, mesh, tx, precision, notes: list[str]) -> _Start:
+    """Resume from out_dir's newest checkpoint that restores (damaged ones are moved aside),
+    else start from init_from, else from the config."""
+    from piano_gpt_jax.checkpoints import CheckpointError
+
+    try:
+        resumed = ckpt.restore_newest(
+            lambda meta: _abstract_state(cfg, meta["model_config"], tx, precision, mesh), notes)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    if resumed is not None:
+        meta = resumed[2]
+        return _Start(f"{cfg.out_dir} (resuming step {resumed[0]})", meta.get("tokenizer_desc"),
+                      meta["model_config"], resumed=resumed)
     if not cfg.from_scratch:
         init = _load_init(cfg.init_from, with_optimizer=cfg.init_optimizer)
         return _Start(f"init_from={cfg.init_from}", init.tokenizer_desc,
                       init.model_config.to_dict(), init=init)
     return _Start("config", None, None)
+
+
+def _abstract_state(cfg: TrainConfig, arch: dict, tx, precision, mesh) -> dict:
+    """The restore target of a checkpoint of architecture `arch`: shapes, dtypes, shardings.
+
+    A checkpoint of another architecture than the config asks for stops the run here (unless
+    init_from decides the architecture)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from piano_gpt_jax.model import init_params
+    from piano_gpt_jax.train_step import init_train_state
+
+    model_config = _model_config(cfg, arch["vocab_size"], arch)
+    if cfg.from_scratch:
+        wanted = _model_config(cfg, arch["vocab_size"])
+        if _arch(wanted) != _arch(model_config):
+            raise UsageError(
+                f"{cfg.out_dir} holds a run of a different model ({_arch(model_config)}) than "
+                f"the config asks for ({_arch(wanted)}); choose a new out_dir to start a new "
+                "run.")
+    shapes = jax.eval_shape(lambda: init_train_state(
+        init_params(model_config, jax.random.PRNGKey(0)), tx, cfg.seed, precision))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
 def _continue_optimizer(state: dict, init, cfg: TrainConfig) -> dict:
@@ -252,6 +295,82 @@ def _note_optimizer_differences(adam, cfg: TrainConfig, run_log) -> None:
         run_log.note("init_optimizer: continuing with this config's " + ", ".join(diffs))
 
 
+@dataclasses.dataclass
+class _Progress:
+    """The counters a run carries from start to end (and through checkpoints)."""
+
+    step: int = 0
+    total_tokens: int = 0
+    best_val: float = math.inf
+    wandb_id: str | None = None
+
+
+def _initial_state(cfg: TrainConfig, start: _Start, model_config, tx, precision, mesh):
+    """(train state on the mesh, progress, data iterator state or None) for the run's start."""
+    import jax
+
+    from piano_gpt_jax.checkpoints import RunMeta
+    from piano_gpt_jax.model import init_params
+    from piano_gpt_jax.train_step import init_train_state, replicate
+
+    if start.resumed is not None:
+        _, state, meta, data_state = start.resumed
+        m = RunMeta.from_json(meta.get("metadata"))
+        best = m.best_val_loss if m.best_val_loss is not None else math.inf
+        return state, _Progress(m.step, m.total_tokens, best, m.wandb_id), data_state
+    init = start.init
+    if init is not None:
+        params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), init.params)
+    else:
+        params = init_params(model_config, jax.random.PRNGKey(cfg.seed))
+    state = init_train_state(params, tx, cfg.seed, precision)
+    progress = _Progress()
+    if init is not None and init.optimizer is not None:
+        state = _continue_optimizer(state, init, cfg)
+        best = init.meta.best_val_loss if init.meta.best_val_loss is not None else math.inf
+        progress = _Progress(init.meta.step, init.meta.total_tokens, best)
+    return replicate(state, mesh), progress, None
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current update."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signal_name is not None:  # a second Ctrl-C: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """The run stopped on request after writing a checkpoint; exit code 130."""
+
+
+class NonFiniteLoss(Exception):
+    """Training losses stayed non-finite past the patience; exit code 3."""
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train to optimizer.max_iters (resuming when out_dir holds checkpoints); returns a summary.
 
@@ -263,94 +382,79 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg)
     except BaseException:
         if created:
-            _remove_empty_dirs(out_dir)
+            out_dir_lib.remove_if_empty(out_dir)
         raise
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    """Remove `root` and its subdirectories if no file was written under them."""
-    if not root.is_dir() or any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
-        return
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        d.rmdir()
-    root.rmdir()
 
 
 def _train(cfg: TrainConfig) -> dict:
     import jax
+    import jax.numpy as jnp
 
     from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, TrainCheckpointer
-    from piano_gpt_jax.model import count_params, init_params
+    from piano_gpt_jax.checkpoints.run_dir import has_steps
+    from piano_gpt_jax.model import count_params
     from piano_gpt_jax.optim import make_optimizer, reference_lr
     from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, truncate_metrics
     from piano_gpt_jax.train_step import (
         Precision,
         compile_steps,
-        init_train_state,
         make_eval_step,
         make_train_step,
-        replicate,
         shard_batch,
     )
 
     main_process = jax.process_index() == 0
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir = out_dir_lib.prepare(cfg.out_dir)
+    except out_dir_lib.OutDirError as e:
+        raise UsageError(str(e)) from None
     mesh = _make_mesh(cfg)
-
+    tx, precision = make_optimizer(cfg.optim), Precision(cfg.dtype)
+    notes: list[str] = []
+    guarded = False
+    if not has_steps(out_dir):  # nothing to resume: protect an earlier run before writing
+        notes += _guard_new_run(out_dir, cfg, main_process)
+        guarded = True
     ckpt = TrainCheckpointer(out_dir, cfg.keep_last)
-    start = _resolve_start(cfg, ckpt)
-    resume_step, init = start.resume_step, start.init
-    settings, tokenizer, pipeline = _build_data(cfg, start.tokenizer_desc)
-    model_config = _model_config(cfg, tokenizer.vocab_size, start.arch)
-    if resume_step is not None and cfg.from_scratch:
-        wanted = _model_config(cfg, tokenizer.vocab_size)
-        if _arch(wanted) != _arch(model_config):
-            raise UsageError(
-                f"{out_dir} holds a run of a different model ({_arch(model_config)}) than the "
-                f"config asks for ({_arch(wanted)}); choose a new out_dir to start a new run.")
-    _check_compatible(model_config, tokenizer, cfg, start.source)
-    tokenizer_desc = tokenizer.to_dict()
+    try:
+        start = _resolve_start(cfg, ckpt, mesh, tx, precision, notes)
+        if start.resumed is None and not guarded:  # every checkpoint was damaged
+            notes += _guard_new_run(out_dir, cfg, main_process)
+        settings, tokenizer, pipeline = _build_data(cfg, start.tokenizer_desc)
+        model_config = _model_config(cfg, tokenizer.vocab_size, start.arch)
+        _check_compatible(model_config, tokenizer, cfg, start.source)
+        tokenizer_desc = tokenizer.to_dict()
+        state, progress, data_state = _initial_state(cfg, start, model_config, tx, precision,
+                                                     mesh)
+        iterator = pipeline.train_iterator()
+        if data_state is not None:
+            iterator.set_state(data_state)
+        resume_step = start.resumed[0] if start.resumed is not None else None
+        init = start.init
 
-    tx = make_optimizer(cfg.optim)
-    precision = Precision(cfg.dtype)
-    if init is not None:
-        params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), init.params)
-    else:
-        params = init_params(model_config, jax.random.PRNGKey(cfg.seed))
-    state = init_train_state(params, tx, cfg.seed, precision)
-    step, total_tokens, best_val = 0, 0, math.inf
-    if init is not None and init.optimizer is not None:
-        state = _continue_optimizer(state, init, cfg)
-        step, total_tokens = init.meta.step, init.meta.total_tokens
-        best_val = init.meta.best_val_loss if init.meta.best_val_loss is not None else math.inf
-    state = replicate(state, mesh)
-    iterator = pipeline.train_iterator()
-    wandb_id = None
-    if resume_step is not None:
-        state, meta, data_state = ckpt.restore(resume_step, state)
-        iterator.set_state(data_state)
-        resumed = RunMeta.from_json(meta.get("metadata"))
-        step, total_tokens = resumed.step, resumed.total_tokens
-        best_val = resumed.best_val_loss if resumed.best_val_loss is not None else math.inf
-        wandb_id = resumed.wandb_id
-
-    train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
-                                      make_eval_step(model_config), mesh, use_jit=cfg.compile)
-    eval_batches = _eval_batches(cfg, pipeline, mesh)
-
-    if main_process:
-        truncate_metrics(out_dir / "metrics.jsonl", resume_step)
-    wandb_settings = None
-    if cfg.wandb_log:
-        wandb_settings = {"project": cfg.wandb_project, "entity": cfg.wandb_entity,
-                          "name": out_dir.name, "id": _wandb_id(out_dir), "dir": str(out_dir)}
-    run_log = RunLog(out_dir, total_steps=cfg.optim.max_iters, start_step=step,
-                     main_process=main_process, wandb_settings=wandb_settings,
-                     run_config=dict(cfg.raw))
+        train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
+                                          make_eval_step(model_config), mesh,
+                                          use_jit=cfg.compile)
+        eval_batches = _eval_batches(cfg, pipeline, mesh)
+        if main_process:
+            truncate_metrics(out_dir / out_dir_lib.METRICS, resume_step)
+        wandb_settings = None
+        if cfg.wandb_log:
+            wandb_settings = {"project": cfg.wandb_project, "entity": cfg.wandb_entity,
+                              "name": out_dir.name,
+                              "id": out_dir_lib.wandb_id_for_logging(out_dir),
+                              "dir": str(out_dir)}
+        run_log = RunLog(out_dir, total_steps=cfg.optim.max_iters, start_step=progress.step,
+                         main_process=main_process, wandb_settings=wandb_settings,
+                         run_config=dict(cfg.raw))
+    except BaseException:
+        ckpt.close()
+        raise
+    for note in notes:
+        run_log.note(note)
     gas = cfg.optim.gradient_accumulation_steps
     tokens_per_step = settings.batch_size * settings.context_size * gas
-    n_params = count_params(params, include_position=False)
+    n_params = count_params(state["params"], include_position=False)
     flops_token = flops_per_token(n_params, model_config.n_layer, model_config.n_head,
                                   model_config.head_dim, settings.context_size)
     device_kind = jax.devices()[0].device_kind
@@ -364,16 +468,16 @@ def _train(cfg: TrainConfig) -> dict:
     if resume_step is not None:
         run_log.note(f"resumed from {out_dir}/checkpoints/{resume_step}")
     elif init is not None and init.optimizer is not None:
-        run_log.note(f"init_optimizer: continuing {cfg.init_from} at step {step} (Adam step "
-                     f"{init.optimizer.count}, {total_tokens:,} tokens)")
+        run_log.note(f"init_optimizer: continuing {cfg.init_from} at step {progress.step} (Adam "
+                     f"step {init.optimizer.count}, {progress.total_tokens:,} tokens)")
         _note_optimizer_differences(init.optimizer, cfg, run_log)
-    wandb_id = run_log.wandb_id or wandb_id
+    progress.wandb_id = run_log.wandb_id or progress.wandb_id
 
     def run_eval(at_step: int, train_losses: list) -> dict[str, float]:
         losses = evaluate_losses(eval_fn, state["params"], eval_batches)
         event = {"step": at_step, "val_loss": losses.get("full_val", next(iter(losses.values()))),
                  **{f"val_loss/{k}": v for k, v in losses.items()},
-                 "lr": reference_lr(max(at_step, 1), cfg.optim), "tokens": total_tokens}
+                 "lr": reference_lr(max(at_step, 1), cfg.optim), "tokens": progress.total_tokens}
         if train_losses:
             event["train_loss"] = float(np.mean([float(x) for x in train_losses]))
         run_log.event({"event": "eval", **event})
@@ -382,69 +486,161 @@ def _train(cfg: TrainConfig) -> dict:
             + (f", train {event['train_loss']:.4f}" if train_losses else ""))
         return event
 
-    def checkpoint_meta(at_step: int, event: dict) -> RunMeta:
-        return RunMeta(
-            step=at_step, total_tokens=total_tokens, train_loss=event.get("train_loss"),
-            val_loss=event["val_loss"],
+    def save(at_step: int, event: dict | None) -> None:
+        event = event or {}
+        meta = RunMeta(
+            step=at_step, total_tokens=progress.total_tokens,
+            train_loss=event.get("train_loss"), val_loss=event.get("val_loss"),
             val_losses={k.split("/", 1)[1]: v for k, v in event.items()
                         if k.startswith("val_loss/")},
-            best_val_loss=best_val if math.isfinite(best_val) else None,
+            best_val_loss=progress.best_val if math.isfinite(progress.best_val) else None,
             run_name=out_dir.name, config=dict(cfg.raw), n_devices=int(n_devices),
             prompt_layout=pipeline.prompt_layout if settings.stage == "piano_task" else None,
-            wandb_id=wandb_id or stable_run_id(out_dir), wandb_ran=run_log.wandb_id is not None,
+            wandb_id=progress.wandb_id or out_dir_lib.stable_run_id(out_dir),
+            wandb_ran=run_log.wandb_id is not None,
             source=cfg.init_from if init is not None else None)
+        _checkpoint_io(lambda: ckpt.save(at_step, state,
+                                         CheckpointRecord(model_config, {}, tokenizer_desc,
+                                                          meta),
+                                         iterator.get_state(), event.get("val_loss")),
+                       at_step, ckpt, out_dir)
 
     summary: dict[str, Any] = {"first_val_loss": None, "last_val_loss": None}
-    if step == 0:
+    if progress.step == 0:
         summary["first_val_loss"] = run_eval(0, [])["val_loss"]
     losses_since_eval: list = []
-    last_log_time, last_log_step = time.perf_counter(), step
+    # Consecutive updates with a non-finite loss, counted on the device: read only at checks.
+    nonfinite = jnp.zeros((), jnp.int32)
+    check_every = max(1, min(cfg.log_interval, cfg.nonfinite_patience))
+    last_log_time, last_log_step = time.perf_counter(), progress.step
+    last_saved = resume_step
     try:
-        while step < cfg.optim.max_iters:
-            step_losses = []
-            for _ in range(gas):
-                batch = shard_batch(next(iterator), mesh)
-                state, metrics = train_fn(state, batch)
-                step_losses.append(metrics["loss"])
-            step += 1
-            total_tokens += tokens_per_step
-            step_loss = sum(step_losses) / gas
-            losses_since_eval.append(step_loss)
-            run_log.advance()
-            if step % cfg.log_interval == 0 or step == cfg.optim.max_iters:
-                loss_value = float(step_loss)  # blocks: the timing below covers real work
-                now = time.perf_counter()
-                dt = (now - last_log_time) / max(step - last_log_step, 1)
-                last_log_time, last_log_step = now, step
-                tps = tokens_per_step / dt
-                mfu_value = mfu(tps, flops_token, device_kind, n_devices)
-                lr = reference_lr(step, cfg.optim)
-                extra = ""
-                if precision.loss_scaling:
-                    extra = f" | scale {float(metrics['loss_scale']):.0f}"
-                run_log.train_line(step, loss_value, lr, tps, dt, mfu_value, extra)
-                run_log.event({"event": "train", "step": step, "train_loss": loss_value,
-                               "lr": lr, "tokens": total_tokens, "tokens_per_s": tps,
-                               "step_time_s": dt, "mfu": mfu_value})
-            if step % cfg.eval_interval == 0 or step == cfg.optim.max_iters:
-                event = run_eval(step, losses_since_eval)
-                losses_since_eval = []
-                summary["last_val_loss"] = event["val_loss"]
-                if math.isfinite(event["val_loss"]):
-                    best_val = min(best_val, event["val_loss"])
-                record = CheckpointRecord(model_config, {}, tokenizer_desc,
-                                          checkpoint_meta(step, event))
-                ckpt.save(step, state, record, iterator.get_state(), event["val_loss"])
-                last_log_time, last_log_step = time.perf_counter(), step  # keep evals out of tok/s
-        ckpt.wait()
+        with _StopRequest() as stop:
+            while progress.step < cfg.optim.max_iters:
+                step_losses = []
+                for _ in range(gas):
+                    batch = shard_batch(next(iterator), mesh)
+                    state, metrics = train_fn(state, batch)
+                    step_losses.append(metrics["loss"])
+                progress.step += 1
+                step = progress.step
+                progress.total_tokens += tokens_per_step
+                step_loss = sum(step_losses) / gas
+                nonfinite = jnp.where(jnp.isfinite(step_loss), 0, nonfinite + 1)
+                losses_since_eval.append(step_loss)
+                run_log.advance()
+                is_eval = step % cfg.eval_interval == 0 or step == cfg.optim.max_iters
+                bad = 0
+                if is_eval or step % check_every == 0:
+                    bad = int(nonfinite)
+                    if bad >= cfg.nonfinite_patience:
+                        _stop_nonfinite(step, bad, cfg, ckpt, out_dir)
+                if step % cfg.log_interval == 0 or step == cfg.optim.max_iters:
+                    loss_value = float(step_loss)  # blocks: the timing below covers real work
+                    now = time.perf_counter()
+                    dt = (now - last_log_time) / max(step - last_log_step, 1)
+                    last_log_time, last_log_step = now, step
+                    tps = tokens_per_step / dt
+                    mfu_value = mfu(tps, flops_token, device_kind, n_devices)
+                    lr = reference_lr(step, cfg.optim)
+                    extra = ""
+                    if precision.loss_scaling:
+                        extra = f" | scale {float(metrics['loss_scale']):.0f}"
+                    run_log.train_line(step, loss_value, lr, tps, dt, mfu_value, extra)
+                    run_log.event({"event": "train", "step": step, "train_loss": loss_value,
+                                   "lr": lr, "tokens": progress.total_tokens,
+                                   "tokens_per_s": tps, "step_time_s": dt, "mfu": mfu_value})
+                if is_eval:
+                    event = run_eval(step, losses_since_eval)
+                    losses_since_eval = []
+                    summary["last_val_loss"] = event["val_loss"]
+                    if math.isfinite(event["val_loss"]):
+                        progress.best_val = min(progress.best_val, event["val_loss"])
+                    if bad:  # never a checkpoint of weights a non-finite update produced
+                        run_log.note(f"not saving checkpoint {step}: the loss of the last {bad} "
+                                     "update(s) was not finite")
+                    else:
+                        save(step, event)
+                        last_saved = step
+                    last_log_time, last_log_step = time.perf_counter(), step  # evals off tok/s
+                if stop.signal_name is not None:
+                    if last_saved != step:
+                        save(step, None)  # no evaluation: never the best, but resumable
+                    _checkpoint_io(ckpt.wait, step, ckpt, out_dir)
+                    raise Interrupted(
+                        f"interrupted ({stop.signal_name}) at step {step}; checkpoint {step} is "
+                        "written: run the same command to resume.")
+        _checkpoint_io(ckpt.wait, progress.step, ckpt, out_dir)
         if cfg.export_torch and main_process and ckpt.latest_step() is not None:
             _export(ckpt, state, model_config, cfg, out_dir, run_log)
-    finally:
-        ckpt.wait()
-        ckpt.close()
+    except CheckpointWriteError:
         run_log.close()
-    summary.update(step=step, total_tokens=total_tokens, best_val_loss=best_val)
+        raise  # without ckpt.close(): main() ends the process (see CheckpointWriteError)
+    except BaseException:
+        _close_quietly(ckpt)
+        run_log.close()
+        raise
+    _close_quietly(ckpt)
+    run_log.close()
+    summary.update(step=progress.step, total_tokens=progress.total_tokens,
+                   best_val_loss=progress.best_val)
     return summary
+
+
+def _guard_new_run(out_dir: Path, cfg: TrainConfig, main_process: bool) -> list[str]:
+    if not main_process:
+        return []
+    try:
+        return out_dir_lib.guard_new_run(out_dir, cfg.overwrite)
+    except out_dir_lib.OutDirError as e:
+        raise UsageError(str(e)) from None
+
+
+def _close_quietly(ckpt) -> None:
+    try:
+        ckpt.wait()
+    except Exception:  # noqa: BLE001 — a failed write was already reported by _checkpoint_io
+        pass
+    ckpt.close()
+
+
+def _checkpoint_io(write, step: int, ckpt, out_dir: Path) -> None:
+    """Run a checkpoint write (or the wait for one); a failure becomes one line that says what
+    is still safe: the last complete checkpoint, from which the same command resumes."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many types
+        text = str(e)
+        reason = ("no space left on the device" if "No space left" in text
+                  or getattr(e, "errno", None) == errno.ENOSPC
+                  else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+        try:
+            ckpt.wait()  # an earlier save may still be committing
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            ckpt.reload()
+            safe = ckpt.latest_step()
+        except Exception:  # noqa: BLE001
+            safe = None
+        resume = (f"checkpoint {safe} is complete: run the same command to resume from it once "
+                  "the problem is fixed" if safe is not None else
+                  "no checkpoint is complete yet: the same command starts the run over once the "
+                  "problem is fixed")
+        raise CheckpointWriteError(f"could not write checkpoint {step} in {out_dir} ({reason}); "
+                                   f"{resume}.") from None
+
+
+def _stop_nonfinite(step: int, bad: int, cfg: TrainConfig, ckpt, out_dir: Path) -> None:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f"the last checkpoint, step {last}, is from before it" if last is not None
+             else "no checkpoint was written")
+    raise NonFiniteLoss(
+        f"the training loss was not finite for the last {bad} update(s) (step {step}); stopped "
+        f"without saving them: {where}. Lower lr.learning_rate or raise optimizer.grad_clip / "
+        "use float32, then run the same command (it resumes from that checkpoint); "
+        f"nonfinite_patience={cfg.nonfinite_patience} sets how many such updates are tolerated.")
 
 
 def _arch(model_config) -> tuple:
@@ -504,25 +700,6 @@ def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: Tra
                             optimizer)
 
 
-def stable_run_id(out_dir: Path) -> str:
-    """This run's wandb id: the one in out_dir/wandb_id.txt, else one derived from the path
-    (so exports of a run that never logged to wandb still carry the id a later wandb run of it
-    would use, which piano-gpt's piano_eval requires)."""
-    path = out_dir / "wandb_id.txt"
-    if path.exists():
-        return path.read_text().strip()
-    import hashlib
-
-    return hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]
-
-
-def _wandb_id(out_dir: Path) -> str:
-    """A stable wandb run id per out_dir, so a resumed run continues the same wandb run."""
-    run_id = stable_run_id(out_dir)
-    (out_dir / "wandb_id.txt").write_text(run_id)
-    return run_id
-
-
 # ----------------------------------------------------------------------------------- CLI
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=|$)")
 
@@ -555,14 +732,61 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).replace("\\n", " ").replace("\n", " ")
-    return text.strip("'\" ")
+    """absl's message for a flag or config-file error, as one line a user can act on."""
+    text = str(e)
+    if "Error whilst parsing config file" in text:  # the config file raised: keep its message
+        last = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+        text = last[-1] if last else text
+        m = re.search(r"(\w+Error|\w+Exception): (.*)$", text)
+        if m:
+            text = m.group(2)
+    text = " ".join(text.replace("\\n", " ").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # absl wraps some messages in quotes; keep quotes inside intact
+    return text
+
+
+class _OrbaxErrorsReportedByUs(logging.Filter):
+    """orbax logs every failed background write with tracebacks from several threads (its
+    messages start with "[process=N]"); the trainer turns each checkpoint failure into one line
+    of its own (_checkpoint_io)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR
+                    and str(record.msg).startswith("[process="))
+
+
+def _quiet_orbax_threads() -> None:
+    """Exceptions ending orbax's background threads are reported by _checkpoint_io; other
+    threads' exceptions still print."""
+    import threading
+    import traceback
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if not any("/orbax/" in f.filename for f in frames):
+            default(args)
+
+    threading.excepthook = hook
+    default_unraisable = sys.unraisablehook
+
+    def unraisable(args) -> None:
+        # tensorstore completing a failed orbax write onto orbax's already-closed event loop
+        if not (isinstance(args.exc_value, RuntimeError)
+                and "Event loop is closed" in str(args.exc_value)):
+            default_unraisable(args)
+
+    sys.unraisablehook = unraisable
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).addFilter(_OrbaxErrorsReportedByUs())
+    _quiet_orbax_threads()
     argv = list(sys.argv if argv is None else argv)
     try:
         cfg = parse_config(argv)
@@ -573,9 +797,24 @@ def main(argv: list[str] | None = None) -> int:
             eval_only(cfg)
             return 0
         summary = train(cfg)
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)  # skip tearing down orbax's failing background writes (tracebacks only)
     except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; run the same command to resume from the last checkpoint.",
+              file=sys.stderr)
+        return 130
     print(f"done: step {summary['step']}, val_loss first {_fmt(summary['first_val_loss'])} "
           f"-> last {_fmt(summary['last_val_loss'])} (best {summary['best_val_loss']:.4f})")
     return 0

@@ -17,6 +17,10 @@ so a kill during a save leaves the previous steps intact.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,27 +86,76 @@ def save_model_checkpoint(directory: str | Path, record: CheckpointRecord) -> Pa
     return directory / CHECKPOINTS_SUBDIR / str(int(record.step))
 
 
-def load_model_checkpoint(path: str | Path, with_optimizer: bool = False) -> CheckpointRecord:
-    """A record from a run directory (latest of checkpoints/, else of best/), one of those two
-    directories, or a single step directory. With `with_optimizer`, also its AdamW state (only
-    training checkpoints have one; rebuilt with the run's own optimizer settings)."""
-    step_dir = resolve_step_dir(Path(path))
+class DamagedCheckpoint(CheckpointError):
+    """A step directory whose files cannot be read (truncated, deleted, garbage)."""
+
+
+def load_model_checkpoint(path: str | Path, with_optimizer: bool = False,
+                          optimizer_required: bool = True) -> CheckpointRecord:
+    """A record from a run directory (its newest checkpoint that reads), its checkpoints/ (or
+    old best/) directory, or a single step directory. A damaged newest checkpoint is skipped
+    with a warning on stderr (the trainer, which owns the directory, moves it aside).
+    With `with_optimizer`, also its AdamW state (only training checkpoints have one; rebuilt
+    with the run's own optimizer settings); a weights-only checkpoint is then an error unless
+    not `optimizer_required`."""
+    path = Path(path)
+    candidates = [resolve_step_dir(path)] if _is_step_dir(path) else _step_dirs_newest_first(path)
+    skipped = []
+    for step_dir in candidates:
+        try:
+            record = _load_step(step_dir, with_optimizer, optimizer_required)
+        except DamagedCheckpoint as e:
+            if len(candidates) == 1:
+                raise
+            skipped.append(str(e))
+            continue
+        for note in skipped:
+            print(f"warning: skipped a damaged checkpoint: {note}", file=sys.stderr)
+        return record
+    raise CheckpointError(f"{path}: no checkpoint in it can be read ({skipped[0]})")
+
+
+def _step_dirs_newest_first(path: Path) -> list[Path]:
+    newest = resolve_step_dir(path)  # raises the usual errors for a missing/empty path
+    root = newest.parent
+    return [root / str(step) for step in reversed(_steps(root))]
+
+
+def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
+               ) -> CheckpointRecord:
     root, step = step_dir.parent, int(step_dir.name)
     manager = ocp.CheckpointManager(root.resolve())
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 — orbax/json raise many types
+            raise DamagedCheckpoint(f"{step_dir}: its meta cannot be read "
+                                    f"({_first_line(e)})") from None
         model_config = _model_config(meta, step_dir)
         try:
             params = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params(model_config)))).params
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{step_dir}: params do not match its model_config "
-                                  f"({str(e)[:300]})") from None
+            if "shape" in str(e).lower() or "structure" in str(e).lower():
+                raise CheckpointError(f"{step_dir}: params do not match its model_config "
+                                      f"({str(e)[:300]})") from None
+            raise DamagedCheckpoint(f"{step_dir}: its params cannot be read "
+                                    f"({_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpoint(f"{step_dir}: its params cannot be read "
+                                    f"({_first_line(e)})") from None
         record = record_from_meta(meta, params, step_dir)
-        if record.meta.step != step:
-            record.meta.step = step
-        if with_optimizer:
+        record.meta.step = step
+        training_items = (step_dir / "data").is_dir() or (step_dir / "metrics").is_dir()
+        if with_optimizer and (step_dir / "train").is_dir():
             record.optimizer = _restore_adam(manager, step, record, step_dir)
+        elif with_optimizer and training_items:
+            raise DamagedCheckpoint(f"{step_dir}: a training checkpoint without its train/ item "
+                                    "(optimizer state)")
+        elif with_optimizer and optimizer_required:
+            raise CheckpointError(f"{step_dir} holds weights only (no optimizer state); export "
+                                  "a training checkpoint (RUN_DIR/checkpoints/<step>) instead.")
     finally:
         manager.close()
     return record
@@ -113,9 +166,6 @@ def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) 
     from piano_gpt_jax.optim import adam_state, make_optimizer, schedule_lr
     from piano_gpt_jax.train_step import Precision, init_train_state
 
-    if not (step_dir / "train").is_dir():
-        raise CheckpointError(f"{step_dir} holds weights only (no optimizer state); export a "
-                              "training checkpoint (RUN_DIR/checkpoints/<step>) instead.")
     try:
         optim = build_train_config(record.meta.config).optim
     except ConfigError as e:
@@ -128,9 +178,13 @@ def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) 
     try:
         train = manager.restore(step, args=ocp.args.Composite(
             train=ocp.args.StandardRestore(target))).train
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{step_dir}: the optimizer state does not match the run's "
-                              f"optimizer settings ({str(e)[:300]})") from None
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, (ValueError, KeyError)) and ("shape" in str(e).lower()
+                                                      or "structure" in str(e).lower()):
+            raise CheckpointError(f"{step_dir}: the optimizer state does not match the run's "
+                                  f"optimizer settings ({str(e)[:300]})") from None
+        raise DamagedCheckpoint(f"{step_dir}: its optimizer state cannot be read "
+                                f"({_first_line(e)})") from None
     adam, _ = adam_state(train["opt_state"])
     host = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
     return AdamState(count=int(adam.count), mu=host(adam.mu), nu=host(adam.nu),
@@ -196,6 +250,13 @@ def _check_params_shapes(model_config: ModelConfig, params: dict) -> None:
                               "nothing was written.")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line.split(" See full TensorStore details")[0]  # the rest is a repr of a method
+    return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
+
+
 def _abstract(x: Any) -> Any:
     """A restore target leaf: shape, dtype and sharding (the first local device by default)."""
     if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
@@ -206,6 +267,12 @@ def _abstract(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------------- training checkpoints
+def has_steps(run_dir: str | Path) -> bool:
+    """Whether RUN_DIR/checkpoints holds any step directory (restorable or not)."""
+    directory = Path(run_dir) / CHECKPOINTS_SUBDIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class TrainCheckpointer:
     """One orbax manager for a training run: the latest `keep_last` checkpoints plus the best."""
 
@@ -221,10 +288,15 @@ class TrainCheckpointer:
             self.run_dir / CHECKPOINTS_SUBDIR,
             options=ocp.CheckpointManagerOptions(
                 create=True, enable_async_checkpointing=async_save, preservation_policy=keep,
-                best_fn=lambda m: m["val_loss"], best_mode="min"))
+                best_fn=lambda m: m["val_loss"], best_mode="min",
+                cleanup_tmp_directories=True))  # half-written steps of a killed run
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def reload(self) -> None:
+        """Re-read the steps on disk (after a failed or interrupted write)."""
+        self._manager.reload()
 
     def best_step(self) -> int | None:
         """The step with the lowest finite validation loss (None before any)."""
@@ -246,6 +318,59 @@ class TrainCheckpointer:
             train=ocp.args.StandardSave(train), data=ocp.args.JsonSave(jsonable(data_state))),
             metrics=metrics, force=True)
 
+    def restore_newest(self, target_fn: Callable[[dict], dict],
+                       notes: list[str]) -> tuple[int, dict, dict, Any] | None:
+        """(step, state, meta, data_state) of the newest checkpoint that restores, or None.
+
+        `target_fn(meta)` gives the restore target (tree, shapes, shardings) for a checkpoint's
+        meta. A checkpoint whose files are damaged (truncated, deleted, garbage) is moved aside
+        to RUN_DIR/damaged/ (never deleted) with a line in `notes`, and the next older one is
+        tried. One that is intact but does not fit the target (another optimizer or precision
+        setup) raises CheckpointError instead: that is the config's doing, not damage.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+                ModelConfig.from_dict(meta["model_config"])
+                RunMeta.from_json(meta.get("metadata"))
+            except Exception as e:  # noqa: BLE001 — any unreadable meta means damage
+                notes.append(self.set_aside(step, e))
+                continue
+            target = target_fn(meta)
+            try:
+                return (step, *self.restore(step, target))
+            except Exception as e:  # noqa: BLE001
+                if not self._readable(step):
+                    notes.append(self.set_aside(step, e))
+                    continue
+                raise CheckpointError(
+                    f"checkpoint {self.run_dir / CHECKPOINTS_SUBDIR / str(step)} is intact but "
+                    f"does not fit this config's training state ({_first_line(e)}); run with the "
+                    "optimizer and precision settings it was written with, or choose a new "
+                    "out_dir.") from None
+        return None
+
+    def _readable(self, step: int) -> bool:
+        """Whether every item of `step` reads back without a target (no damage)."""
+        try:
+            self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(),
+                meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def set_aside(self, step: int, error: BaseException) -> str:
+        """Move damaged checkpoint `step` to RUN_DIR/damaged/<step>-<time>/; returns a note."""
+        source = self.run_dir / CHECKPOINTS_SUBDIR / str(step)
+        target = self.run_dir / "damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        (target / "DAMAGED.txt").write_text(f"{type(error).__name__}: {error}\n")
+        self._manager.reload()
+        return (f"checkpoint {step} is damaged ({_first_line(error)}); moved it to {target} "
+                "and fell back to the one before it")
+
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta
@@ -264,4 +389,7 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()  # background work must end before exit
+        finally:
+            self._manager.close()

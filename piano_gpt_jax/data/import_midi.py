@@ -68,6 +68,7 @@ class ImportResult:
     dataset: datasets.DatasetDict
     summary: dict[str, SplitSummary]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _guess_composer(texts: list[str]) -> str:
@@ -150,10 +151,21 @@ def import_midi_folder(
         )
 
     split_of = assign_splits([r[0] for r in read], val_fraction, test_fraction, seed)
+    placements = [(rel, piece, source, split_of[rel]) for rel, piece, source in read]
+    notes = []
+    if len(read) < 3:
+        # Disjoint splits need 3 files, and an empty split is a dataset no one can load
+        # (datasets.load_from_disk fails on it): everything trains, one file also validates/tests.
+        shared = min(read, key=lambda r: split_of[r[0]] != "train")  # the hash order's first
+        placements = [(rel, piece, source, "train") for rel, piece, source in read]
+        placements += [(shared[0], shared[1], shared[2], split) for split in ("validation",
+                                                                               "test")]
+        notes.append(f"only {len(read)} usable file(s): all are in train, and {shared[0]} is "
+                     "also copied to validation and test (with 3 or more files the splits are "
+                     "disjoint)")
     parts: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
     summary = {s: SplitSummary() for s in SPLITS}
-    for rel, piece, source in read:
-        split = split_of[rel]
+    for _, piece, source, split in placements:
         parts[split][0].append(piece)
         parts[split][1].append(source)
         summary[split].files += 1
@@ -162,7 +174,7 @@ def import_midi_folder(
     dataset = datasets.DatasetDict(
         {s: make_piano_dataset(pieces, sources) for s, (pieces, sources) in parts.items()}
     )
-    return ImportResult(dataset=dataset, summary=summary, skipped=skipped)
+    return ImportResult(dataset=dataset, summary=summary, skipped=skipped, notes=notes)
 
 
 def format_summary(result: ImportResult) -> str:
@@ -172,6 +184,7 @@ def format_summary(result: ImportResult) -> str:
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)} file(s):")
         lines += [f"  {name}: {reason}" for name, reason in result.skipped]
+    lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 
 

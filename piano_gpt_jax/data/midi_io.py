@@ -14,6 +14,7 @@ a separate track) apply to all notes.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,29 @@ def _n_chunks(path: Path) -> int:
 def _parse(path: Path):
     import symusic
 
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        raise MidiReadError(path, "the file is empty (0 bytes)")
+    if head != b"MThd":
+        raise MidiReadError(path, "not a Standard MIDI File (it does not start with the 'MThd' "
+                                  "header)")
     try:
         return symusic.Score(str(path), ttype="tick")
     except Exception as err:  # symusic raises RuntimeError/ValueError with a parser message
-        raise MidiReadError(path, str(err).split(":")[0].strip() or type(err).__name__) from None
+        raise MidiReadError(path, _parser_reason(str(err), size)) from None
+
+
+def _parser_reason(message: str, size: int) -> str:
+    """symusic's parser message ('MiniMidi: ...: iostream error') as a plain reason."""
+    text = re.sub(r"^\s*MiniMidi:\s*", "", message)
+    text = re.sub(r":\s*iostream error\s*$", "", text).replace("Invaild", "invalid").strip()
+    if "chunk length" in text or "remaining bytes" in text:
+        return f"truncated or corrupt: {text} ({size} bytes in the file)"
+    if "less than 14" in text:
+        return f"too short to hold a MIDI header ({size} bytes)"
+    return text or "the MIDI parser rejected it"
 
 
 def read_midi_contents(path: str | os.PathLike, sustain: bool = True) -> MidiContents:
