@@ -87,9 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.system.dtype = "bfloat16"  # float32 | bfloat16 | float16 (dynamic loss scaling)
     c.system.compile = True  # False runs the step without jit (debugging)
     c.system.data_workers = 8
+    # "none": every device holds all parameters and optimizer state (data parallel); "fsdp":
+    # they are sharded over all devices (ZeRO-3), for models that do not fit one device.
+    c.system.param_sharding = "none"
 
     c.ddp = ml_collections.ConfigDict()
     c.ddp.backend = "auto"  # auto | jax_distributed | none (nccl/gloo = auto)
+    c.ddp.timeout_s = 300  # how long each process waits for the job's coordinator at start
 
     c.data = ml_collections.ConfigDict()
     c.data.batch_size = 32  # global micro-batch (all devices together)
@@ -129,7 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr.min_lr = 3e-5
     c.lr.warmup_iters = 1000
     c.lr.decay_lr = True
-    c.lr.lr_decay_iters = c.optimizer.get_ref("max_iters")
+    # None = optimizer.max_iters. (Not a FieldReference to it: overriding one would move both.)
+    c.lr.lr_decay_iters = ml_collections.FieldReference(None, field_type=int)
 
     c.eval_interval = 1000
     c.eval_iters = 50

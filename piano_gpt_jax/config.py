@@ -48,7 +48,9 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "system.dtype": ((str,), "bfloat16"),
     "system.compile": ((bool,), True),
     "system.data_workers": ((int,), 0),
+    "system.param_sharding": ((str,), "none"),
     "ddp.backend": ((str,), "auto"),
+    "ddp.timeout_s": ((int,), 300),
     "data.batch_size": ((int,), 32),
     "data.context_size": ((int,), 2048),
     "data.notes_per_record": ((int,), 128),
@@ -73,7 +75,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "lr.min_lr": (_NUM, 3e-5),
     "lr.warmup_iters": ((int,), 1000),
     "lr.decay_lr": ((bool,), True),
-    "lr.lr_decay_iters": ((int,), 100_000),
+    "lr.lr_decay_iters": ((int, type(None)), None),  # None: optimizer.max_iters
     "eval_interval": ((int,), 1000),
     "eval_iters": ((int,), 50),
     "eval_only": ((bool,), False),
@@ -137,7 +139,9 @@ class TrainConfig:
     platform: str  # JAX platform name
     dtype: str
     compile: bool
+    param_sharding: str  # "none" (replicated, data parallel) or "fsdp" (sharded, ZeRO-3)
     ddp_backend: str
+    ddp_timeout_s: int  # how long a process waits for the job's coordinator at start
     eval_interval: int
     eval_iters: int
     eval_only: bool
@@ -194,6 +198,8 @@ def complete(nested: Mapping[str, Any]) -> dict[str, Any]:
     """A nested config with every schema key, defaults filling what `nested` lacks."""
     flat = {key: default for key, (_, default) in SCHEMA.items()}
     flat.update({k: v for k, v in flatten(nested).items() if k in SCHEMA})
+    if flat["lr.lr_decay_iters"] is None:
+        flat["lr.lr_decay_iters"] = flat["optimizer.max_iters"]
     return nest({k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()})
 
 
@@ -284,6 +290,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
     _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
     _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
     _one_of("system.dtype", v["system.dtype"], DTYPES)
+    _one_of("system.param_sharding", v["system.param_sharding"], ("none", "fsdp"))
     device = v["system.device"].split(":", 1)[0]
     if device not in DEVICES:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
@@ -301,9 +308,11 @@ def build_train_config(cfg: Any) -> TrainConfig:
                 "data.batch_size", "data.context_size", "data.notes_per_record",
                 "optimizer.gradient_accumulation_steps", "optimizer.max_iters", "eval_interval",
                 "eval_iters", "logging.log_interval", "checkpoint.keep_last", "eval_examples",
-                "nonfinite_patience",
+                "nonfinite_patience", "ddp.timeout_s",
                 "tokenizer.n_velocity_bins", "tokenizer.n_special_ids"):
         _positive(key, v[key])
+    if v["lr.lr_decay_iters"] is None:  # decay over the whole run unless told otherwise
+        v["lr.lr_decay_iters"] = v["optimizer.max_iters"]
     for key in ("lr.warmup_iters", "lr.lr_decay_iters", "optimizer.weight_decay",
                 "optimizer.grad_clip", "lr.min_lr", "system.data_workers",
                 "dataset.augmentation.max_pitch_shift"):
@@ -388,7 +397,9 @@ def build_train_config(cfg: Any) -> TrainConfig:
         init_optimizer=v["init_optimizer"],
         loss_masking=v["loss_masking"], model=model, optim=optim, data_kwargs=data_kwargs,
         platform=DEVICES[device], dtype=v["system.dtype"], compile=v["system.compile"],
-        ddp_backend=DDP_BACKENDS[v["ddp.backend"]], eval_interval=v["eval_interval"],
+        param_sharding=v["system.param_sharding"],
+        ddp_backend=DDP_BACKENDS[v["ddp.backend"]], ddp_timeout_s=v["ddp.timeout_s"],
+        eval_interval=v["eval_interval"],
         eval_iters=v["eval_iters"], eval_only=v["eval_only"], overwrite=v["overwrite"],
         nonfinite_patience=v["nonfinite_patience"], eval_metrics=v["eval_metrics"],
         eval_examples=v["eval_examples"], keep_last=v["checkpoint.keep_last"],

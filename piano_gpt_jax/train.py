@@ -64,7 +64,7 @@ def check_devices(cfg: TrainConfig) -> None:
 
 
 def maybe_init_distributed(cfg: TrainConfig) -> None:
-    """jax.distributed.initialize() for multi-host launches (see configs/piano.py docstring)."""
+    """jax.distributed.initialize() for multi-process launches (see configs/piano.py docstring)."""
     import jax
 
     if cfg.ddp_backend == "none":
@@ -76,13 +76,72 @@ def maybe_init_distributed(cfg: TrainConfig) -> None:
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
         or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"]
     )
-    if cfg.ddp_backend == "jax_distributed" or cluster:
-        kwargs: dict[str, Any] = {}
-        if "JAX_COORDINATOR_ADDRESS" in env:
-            kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-                      "num_processes": int(env["JAX_NUM_PROCESSES"]),
-                      "process_id": int(env["JAX_PROCESS_ID"])}
+    if not (cfg.ddp_backend == "jax_distributed" or cluster):
+        return
+    kwargs: dict[str, Any] = {"initialization_timeout": cfg.ddp_timeout_s}
+    where = "the cluster's coordinator"
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        try:
+            kwargs.update(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                          num_processes=int(env["JAX_NUM_PROCESSES"]),
+                          process_id=int(env["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and "
+                             f"JAX_PROCESS_ID must be integers too ({e})") from None
+        where = (f"the coordinator at {kwargs['coordinator_address']} (process "
+                 f"{kwargs['process_id']} of {kwargs['num_processes']})")
+    if cfg.platform == "cpu":  # cross-process collectives on CPU need an implementation
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if kwargs.get("process_id"):
+        # JAX aborts the whole process (no exception) when the coordinator never answers, so a
+        # non-coordinator process first waits for the coordinator's port itself.
+        _wait_for_coordinator(kwargs["coordinator_address"], cfg.ddp_timeout_s, where)
+    try:
         jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 — timeouts and connection errors of many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UsageError(
+            f"could not join {where} within ddp.timeout_s={cfg.ddp_timeout_s} s ({reason}); "
+            "start every process of the job with the same address, or check that the "
+            "coordinator (process 0) is running and reachable.") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: int, where: str) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.time() >= deadline:
+                raise UsageError(
+                    f"could not join {where} within ddp.timeout_s={timeout_s} s ({e}); start "
+                    "process 0 (the coordinator) with the same JAX_COORDINATOR_ADDRESS, or "
+                    "check the address and port.") from None
+            time.sleep(0.5)
+
+
+def check_same_config(cfg: TrainConfig) -> None:
+    """Every process of a job must run the same config: compare a hash of it at start."""
+    import hashlib
+    import json
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(cfg.raw, sort_keys=True, default=str).encode()).digest()
+    mine = np.frombuffer(digest, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    differ = [i for i, row in enumerate(every) if not np.array_equal(row, every[0])]
+    if differ:
+        raise UsageError(f"process(es) {differ} run a different config than process 0 (config "
+                         "hashes differ); launch every process with the same command line.")
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int, arch: dict | None = None):
@@ -132,9 +191,9 @@ def _build_data(cfg: TrainConfig, tokenizer_desc: dict | None):
 
 def _make_mesh(cfg: TrainConfig):
     """The data-parallel mesh; UsageError (not a traceback) if the batch cannot be split on it."""
-    from piano_gpt_jax.train_step import check_batch_divisible, make_mesh
+    from piano_gpt_jax.sharding import check_batch_divisible, make_mesh
 
-    mesh = make_mesh()
+    mesh = make_mesh(param_sharding=cfg.param_sharding)
     try:
         check_batch_divisible(cfg.data_kwargs["batch_size"], mesh)
     except ValueError as e:
@@ -183,7 +242,8 @@ def eval_only(cfg: TrainConfig) -> dict:
     """Load init_from (ours or a .pt) or out_dir's latest checkpoint, print a loss table."""
     import jax
 
-    from piano_gpt_jax.train_step import compile_steps, make_eval_step, replicate
+    from piano_gpt_jax.sharding import place
+    from piano_gpt_jax.train_step import compile_steps, make_eval_step
 
     source = cfg.out_dir if cfg.from_scratch else cfg.init_from
     ck = _load_init(source)
@@ -191,8 +251,9 @@ def eval_only(cfg: TrainConfig) -> dict:
     model_config = _model_config(cfg, tokenizer.vocab_size, ck.model_config.to_dict())
     _check_compatible(model_config, tokenizer, cfg, source)
     mesh = _make_mesh(cfg)
-    _, eval_fn = compile_steps(None, make_eval_step(model_config), mesh, use_jit=cfg.compile)
-    params = replicate(jax.tree_util.tree_map(np.asarray, ck.params), mesh)
+    params = place(jax.tree_util.tree_map(np.asarray, ck.params), mesh)
+    _, eval_fn = compile_steps(None, make_eval_step(model_config), mesh, use_jit=cfg.compile,
+                               state_like={"params": params})
     losses = evaluate_losses(eval_fn, params, _eval_batches(cfg, pipeline, mesh))
     print(_format_table(losses, f"validation loss of {source} (step {ck.step}, "
                                 f"{cfg.eval_iters} batches per split)"))
@@ -249,9 +310,9 @@ def _abstract_state(cfg: TrainConfig, arch: dict, tx, precision, mesh) -> dict:
     A checkpoint of another architecture than the config asks for stops the run here (unless
     init_from decides the architecture)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from piano_gpt_jax.model import init_params
+    from piano_gpt_jax.sharding import tree_shardings
     from piano_gpt_jax.train_step import init_train_state
 
     model_config = _model_config(cfg, arch["vocab_size"], arch)
@@ -264,9 +325,9 @@ def _abstract_state(cfg: TrainConfig, arch: dict, tx, precision, mesh) -> dict:
                 "run.")
     shapes = jax.eval_shape(lambda: init_train_state(
         init_params(model_config, jax.random.PRNGKey(0)), tx, cfg.seed, precision))
-    replicated = NamedSharding(mesh, PartitionSpec())
     return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+        tree_shardings(shapes, mesh))
 
 
 def _continue_optimizer(state: dict, init, cfg: TrainConfig) -> dict:
@@ -311,7 +372,8 @@ def _initial_state(cfg: TrainConfig, start: _Start, model_config, tx, precision,
 
     from piano_gpt_jax.checkpoints import RunMeta
     from piano_gpt_jax.model import init_params
-    from piano_gpt_jax.train_step import init_train_state, replicate
+    from piano_gpt_jax.sharding import place
+    from piano_gpt_jax.train_step import init_train_state
 
     if start.resumed is not None:
         _, state, meta, data_state = start.resumed
@@ -329,7 +391,7 @@ def _initial_state(cfg: TrainConfig, start: _Start, model_config, tx, precision,
         state = _continue_optimizer(state, init, cfg)
         best = init.meta.best_val_loss if init.meta.best_val_loss is not None else math.inf
         progress = _Progress(init.meta.step, init.meta.total_tokens, best)
-    return replicate(state, mesh), progress, None
+    return place(state, mesh), progress, None
 
 
 class _StopRequest:
@@ -434,7 +496,7 @@ def _train(cfg: TrainConfig) -> dict:
 
         train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
                                           make_eval_step(model_config), mesh,
-                                          use_jit=cfg.compile)
+                                          use_jit=cfg.compile, state_like=state)
         eval_batches = _eval_batches(cfg, pipeline, mesh)
         if main_process:
             truncate_metrics(out_dir / out_dir_lib.METRICS, resume_step)
@@ -465,6 +527,7 @@ def _train(cfg: TrainConfig) -> dict:
                  f"{cfg.dtype}; eval splits {pipeline.eval_split_names}"
                  + (f"; prompt layout {pipeline.prompt_layout}"
                     if settings.stage == "piano_task" else ""))
+    run_log.note(_layout_line(mesh, state, cfg))
     if resume_step is not None:
         run_log.note(f"resumed from {out_dir}/checkpoints/{resume_step}")
     elif init is not None and init.optimizer is not None:
@@ -563,16 +626,16 @@ def _train(cfg: TrainConfig) -> dict:
                         save(step, event)
                         last_saved = step
                     last_log_time, last_log_step = time.perf_counter(), step  # evals off tok/s
-                if stop.signal_name is not None:
+                if _stop_agreed(stop.signal_name is not None, step, cfg):
                     if last_saved != step:
                         save(step, None)  # no evaluation: never the best, but resumable
                     _checkpoint_io(ckpt.wait, step, ckpt, out_dir)
                     raise Interrupted(
-                        f"interrupted ({stop.signal_name}) at step {step}; checkpoint {step} is "
-                        "written: run the same command to resume.")
+                        f"interrupted ({stop.signal_name or 'by another process'}) at step "
+                        f"{step}; checkpoint {step} is written: run the same command to resume.")
         _checkpoint_io(ckpt.wait, progress.step, ckpt, out_dir)
-        if cfg.export_torch and main_process and ckpt.latest_step() is not None:
-            _export(ckpt, state, model_config, cfg, out_dir, run_log)
+        if cfg.export_torch and ckpt.latest_step() is not None:
+            _export(ckpt, state, model_config, cfg, out_dir, run_log, write=main_process)
     except CheckpointWriteError:
         run_log.close()
         raise  # without ckpt.close(): main() ends the process (see CheckpointWriteError)
@@ -587,6 +650,26 @@ def _train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _layout_line(mesh, state: dict, cfg: TrainConfig) -> str:
+    """The mesh, where the parameters live and what one device holds: the numbers to check
+    before a long run."""
+    import jax
+
+    from piano_gpt_jax.sharding import FSDP_AXIS, bytes_per_device, unsharded_matrices
+
+    shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+    params_b = bytes_per_device(state["params"])
+    rest_b = bytes_per_device({k: v for k, v in state.items() if k != "params"})
+    line = (f"mesh {shape} over {jax.process_count()} process(es); parameters "
+            f"{'sharded (fsdp)' if cfg.param_sharding == 'fsdp' else 'replicated'}; per device: "
+            f"params {params_b / 2**20:.1f} MiB + optimizer state {rest_b / 2**20:.1f} MiB")
+    left = unsharded_matrices(state["params"], mesh.shape[FSDP_AXIS])
+    if left:
+        line += (f"; replicated because no dimension divides by {mesh.shape[FSDP_AXIS]}: "
+                 + ", ".join(left))
+    return line
+
+
 def _guard_new_run(out_dir: Path, cfg: TrainConfig, main_process: bool) -> list[str]:
     if not main_process:
         return []
@@ -594,6 +677,21 @@ def _guard_new_run(out_dir: Path, cfg: TrainConfig, main_process: bool) -> list[
         return out_dir_lib.guard_new_run(out_dir, cfg.overwrite)
     except out_dir_lib.OutDirError as e:
         raise UsageError(str(e)) from None
+
+
+def _stop_agreed(requested: bool, step: int, cfg: TrainConfig) -> bool:
+    """Whether to stop after this update. Several processes must agree (a checkpoint save is
+    collective), so they compare their requests at log intervals, where they sync anyway."""
+    import jax
+
+    if jax.process_count() == 1:
+        return requested
+    if step % cfg.log_interval and step != cfg.optim.max_iters:
+        return False
+    from jax.experimental import multihost_utils
+
+    every = multihost_utils.process_allgather(np.asarray([requested], np.int32))
+    return bool(np.asarray(every).any())
 
 
 def _close_quietly(ckpt) -> None:
@@ -648,8 +746,11 @@ def _arch(model_config) -> tuple:
             model_config.context_size, model_config.vocab_size)
 
 
-def _export(ckpt, state, model_config, cfg: TrainConfig, out_dir: Path, run_log) -> None:
-    """final.pt (the latest checkpoint) and best.pt, with their optimizer states."""
+def _export(ckpt, state, model_config, cfg: TrainConfig, out_dir: Path, run_log,
+            write: bool = True) -> None:
+    """final.pt (the latest checkpoint) and best.pt, with their optimizer states. Every process
+    takes part (restoring and gathering sharded arrays are collective); `write` says whether
+    this one writes the files (process 0)."""
     try:
         from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
     except ImportError as e:  # torch is an optional dependency
@@ -665,14 +766,16 @@ def _export(ckpt, state, model_config, cfg: TrainConfig, out_dir: Path, run_log)
         current = state if step == steps["final.pt"] else None  # else restore that step
         try:
             record = _exportable(ckpt, step, state, current, model_config, cfg)
-            written.append(save_torch_checkpoint(out_dir / name, record))
+            if write:
+                written.append(save_torch_checkpoint(out_dir / name, record))
         except (CheckpointError, ValueError, OSError) as e:
             raise UsageError(
                 f"training finished and its checkpoints are complete, but exporting {name} "
                 f"failed ({e}); export by hand with python -m converters.jax_to_torch "
                 f"{out_dir} OUT.pt") from None
-    run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout, "
-                 "with optimizer state)")
+    if written:
+        run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout, "
+                     "with optimizer state)")
 
 
 def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: TrainConfig):
@@ -682,13 +785,14 @@ def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: Tra
 
     from piano_gpt_jax.checkpoints import AdamState, CheckpointRecord, RunMeta
     from piano_gpt_jax.optim import adam_state, schedule_lr
+    from piano_gpt_jax.sharding import to_host
 
     if state is None:
         state, meta, _ = ckpt.restore(step, state_like)
     else:
         meta = ckpt.restore_meta(step)
     run_meta = RunMeta.from_json(meta.get("metadata"))
-    host = jax.device_get(state)
+    host = to_host({"params": state["params"], "opt_state": state["opt_state"]})
     adam, _ = adam_state(host["opt_state"])
     f32 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
     optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),
@@ -793,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
         select_platform(cfg)
         maybe_init_distributed(cfg)
         check_devices(cfg)
+        check_same_config(cfg)
         if cfg.eval_only:
             eval_only(cfg)
             return 0

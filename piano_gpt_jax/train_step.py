@@ -2,9 +2,9 @@
 
 One train-step call consumes one micro-batch; `optax.MultiSteps` (see optim.py) turns every
 `gradient_accumulation_steps` calls into one optimizer update, so the global batch is
-batch_size x accumulation steps on any number of devices. The batch is split over a 1-D mesh axis
-"data" spanning every device of every host; params and optimizer state are replicated, and XLA
-inserts the gradient all-reduce.
+batch_size x accumulation steps on any number of devices. The batch is split over every device of
+every process; params and optimizer state are replicated or FSDP-sharded (sharding.py), and XLA
+inserts the collectives.
 
 float16: gradients of a loss multiplied by a dynamic scale; a micro-batch with non-finite gradients
 is skipped (params and optimizer state unchanged, scale halved), so with gradient accumulation
@@ -23,13 +23,20 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from piano_gpt_jax.model import GPT, ModelConfig
-
-DATA_AXIS = "data"
+from piano_gpt_jax.sharding import (  # noqa: F401 — re-exported: the step's layout helpers
+    DATA_AXIS,
+    batch_sharding,
+    check_batch_divisible,
+    make_mesh,
+    place,
+    replicate,
+    shard_batch,
+    tree_shardings,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,38 +143,17 @@ def make_eval_step(model_cfg: ModelConfig) -> Callable[[dict, dict], tuple[jax.A
     return evaluate
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over all devices (built directly: make_mesh's axes are explicit)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
-    if batch_size % n:
-        raise ValueError(
-            f"data.batch_size ({batch_size}) must be divisible by the number of devices ({n}); "
-            f"use a multiple of {n}, e.g. {n * max(1, batch_size // n)}.")
-
-
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-    """This host's slice of the global micro-batch -> global arrays split over the data axis."""
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def compile_steps(train_fn, eval_fn, mesh: Mesh, use_jit: bool = True):
-    """Wrap both steps with jit and shardings (or leave them eager when `use_jit` is False)."""
+def compile_steps(train_fn, eval_fn, mesh: Mesh, use_jit: bool = True, state_like=None):
+    """Wrap both steps with jit and their shardings (or leave them eager when `use_jit` is
+    False). `state_like` (arrays or shapes) gives the train state's layout (sharding.py);
+    without it everything is replicated."""
     if not use_jit:
         return train_fn, eval_fn
     repl = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    train = train_fn and jax.jit(train_fn, in_shardings=(repl, data),
-                                 out_shardings=(repl, repl), donate_argnums=0)
-    evaluate = jax.jit(eval_fn, in_shardings=(repl, data), out_shardings=(repl, repl))
+    data = batch_sharding(mesh)
+    state_sh = repl if state_like is None else tree_shardings(state_like, mesh)
+    params_sh = repl if state_like is None else tree_shardings(state_like["params"], mesh)
+    train = train_fn and jax.jit(train_fn, in_shardings=(state_sh, data),
+                                 out_shardings=(state_sh, repl), donate_argnums=0)
+    evaluate = jax.jit(eval_fn, in_shardings=(params_sh, data), out_shardings=(repl, repl))
     return train, evaluate
