@@ -3,7 +3,8 @@
   python benchmarks/train_step.py            # CPU: float32, same model/batch for both; prints
                                              # tokens/s, the ratio, and gather vs one-hot embeddings
   python benchmarks/train_step.py --gpu      # accelerator: gpt2 (124M-class) at context 2048 in
-                                             # bfloat16; prints tokens/s and MFU
+                                             # bfloat16, each attention implementation and remat
+                                             # on/off; prints ms/step, tokens/s, MFU, peak memory
 
 Both sides run a full step: forward, token-mean cross-entropy, backward, grad clipping and AdamW
 (torch: fused=False on CPU, eager, no torch.compile - the reference's CPU path).
@@ -133,7 +134,15 @@ def cpu_mode(args) -> None:
           f"{'one-hot' if results['jax one-hot'] < results['jax gather'] else 'gather'}")
 
 
-def gpu_mode(args) -> None:
+GPU_VARIANTS = (("auto", False), ("cudnn", False), ("xla", False), ("einsum", False),
+                ("auto", True))
+if os.environ.get("GPU_VARIANTS"):  # e.g. "auto:0,auto:1" to re-measure a few
+    GPU_VARIANTS = tuple((a, r == "1") for a, r in
+                         (v.split(":") for v in os.environ["GPU_VARIANTS"].split(",")))
+
+
+def gpu_variant(args) -> dict:
+    """One accelerator measurement (run in its own process, so peak memory is its own)."""
     from configs.piano import MODEL_PRESETS
     from piano_gpt_jax.model import ModelConfig, count_params, init_params
     from piano_gpt_jax.run_log import flops_per_token, mfu
@@ -141,23 +150,52 @@ def gpu_mode(args) -> None:
     n_layer, n_head, n_embd = MODEL_PRESETS[args.gpu_preset]
     T = args.gpu_context
     cfg = ModelConfig(vocab_size=2265, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      context_size=T, dtype="bfloat16")
+                      context_size=T, dtype="bfloat16", attention=args.attention,
+                      remat=args.remat)
     n_dev = jax.device_count()
     batch = _batch(cfg.vocab_size, args.gpu_batch * n_dev, T)
     n_params = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))),
                             include_position=False)
     kind = jax.devices()[0].device_kind
-    for one_hot in (False, True):
-        c = dataclasses.replace(cfg, one_hot_embedding=one_hot)
-        dt = time_jax_step(c, batch, args.steps, dtype="bfloat16")
-        tps = batch["tokens"].size / dt
-        f = flops_per_token(n_params, n_layer, n_head, cfg.head_dim, T)
-        m = mfu(tps, f, kind, n_dev)
-        mfu_text = "n/a (unknown peak)" if m is None else f"{100 * m:.1f}%"
-        print(f"{args.gpu_preset} {n_params / 1e6:.1f}M, {n_dev} x {kind}, "
-              f"batch {batch['tokens'].shape}, bf16, {'one-hot' if one_hot else 'gather'}: "
-              f"{1000 * dt:.0f} ms/step, "
-              f"{tps:,.0f} tokens/s, MFU {mfu_text}")
+    t0 = time.perf_counter()
+    dt = time_jax_step(cfg, batch, args.steps, dtype="bfloat16")
+    tps = batch["tokens"].size / dt
+    m = mfu(tps, flops_per_token(n_params, n_layer, n_head, cfg.head_dim, T), kind, n_dev)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"preset": args.gpu_preset, "params_m": n_params / 1e6, "device": kind,
+            "n_devices": n_dev, "batch": list(batch["tokens"].shape), "attention": args.attention,
+            "remat": args.remat, "ms_per_step": 1000 * dt, "tokens_per_s": tps,
+            "mfu": m, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+            "wall_s": time.perf_counter() - t0}
+
+
+def gpu_mode(args) -> None:
+    """Every accelerator choice at once (attention implementation, remat), each in a fresh
+    process: the first GPU session measures them all in one go."""
+    import json
+    import subprocess
+
+    print(f"{args.gpu_preset}, context {args.gpu_context}, {args.gpu_batch} sequences per "
+          "device, bf16 compute (f32 master weights), donated state, AdamW + clipping")
+    for attention, remat in GPU_VARIANTS:
+        cmd = [sys.executable, __file__, "--gpu-child", "--attention", attention,
+               "--gpu-preset", args.gpu_preset, "--gpu-context", str(args.gpu_context),
+               "--gpu-batch", str(args.gpu_batch), "--steps", str(args.steps)]
+        if remat:
+            cmd.append("--remat")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else ""
+        if not line.startswith("{"):
+            lines = r.stderr.strip().splitlines() or ["?"]
+            err = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])[:160]
+            print(f"  attention={attention:<6} remat={remat!s:<5} failed: {err}")
+            continue
+        d = json.loads(line)
+        mfu_text = "n/a" if d["mfu"] is None else f"{100 * d['mfu']:.1f}%"
+        print(f"  attention={attention:<6} remat={remat!s:<5} {d['ms_per_step']:8.1f} ms/step "
+              f"{d['tokens_per_s']:>10,.0f} tokens/s  MFU {mfu_text:>6}  peak "
+              f"{d['peak_gib']:.1f} GiB  ({d['params_m']:.1f}M params, {d['n_devices']} x "
+              f"{d['device']}, batch {d['batch']})")
 
 
 def main() -> None:
@@ -174,8 +212,15 @@ def main() -> None:
                    help="model preset of configs/piano.py (--gpu)")
     p.add_argument("--gpu-context", type=int, default=2048, help="context size (--gpu)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--gpu-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.gpu:
+    if args.gpu_child:
+        import json
+
+        print(json.dumps(gpu_variant(args)))
+    elif args.gpu:
         gpu_mode(args)
     else:
         jax.config.update("jax_platforms", "cpu")

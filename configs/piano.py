@@ -81,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # None/False = gather (faster on CPU at this vocabulary, see benchmarks/train_step.py);
     # True = one-hot matmul.
     c.model.one_hot_embedding = ml_collections.FieldReference(None, field_type=bool)
+    # auto: our einsum attention on CPU (faster there), XLA's choice (cuDNN's fused kernel where
+    # it applies) on GPU; or force einsum | xla | cudnn. Equal logits (model_test.py).
+    c.model.attention = "auto"
+    c.model.remat = False  # recompute block activations in the backward pass: long contexts
 
     c.system = ml_collections.ConfigDict()
     c.system.device = "gpu"  # cpu | gpu | cuda | tpu

@@ -44,6 +44,8 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
     "model.context_size": ((int,), 2048),
     "model.use_time_embedding": ((bool,), False),
     "model.one_hot_embedding": (_OPT_BOOL, None),
+    "model.attention": ((str,), "auto"),
+    "model.remat": ((bool,), False),
     "system.device": ((str,), "gpu"),
     "system.dtype": ((str,), "bfloat16"),
     "system.compile": ((bool,), True),
@@ -106,6 +108,8 @@ class ModelSettings:
     context_size: int
     use_time_embedding: bool
     one_hot_embedding: bool | None  # None (unset) = False: gather the token rows
+    attention: str  # auto | einsum | xla | cudnn
+    remat: bool  # recompute block activations in the backward pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +295,7 @@ def build_train_config(cfg: Any) -> TrainConfig:
     _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
     _one_of("system.dtype", v["system.dtype"], DTYPES)
     _one_of("system.param_sharding", v["system.param_sharding"], ("none", "fsdp"))
+    _one_of("model.attention", v["model.attention"], ("auto", "einsum", "xla", "cudnn"))
     device = v["system.device"].split(":", 1)[0]
     if device not in DEVICES:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
@@ -358,7 +363,8 @@ def build_train_config(cfg: Any) -> TrainConfig:
         n_layer=v["model.n_layer"], n_head=v["model.n_head"], n_embd=v["model.n_embd"],
         dropout=v["model.dropout"], bias=v["model.bias"], context_size=v["model.context_size"],
         use_time_embedding=v["model.use_time_embedding"],
-        one_hot_embedding=v["model.one_hot_embedding"])
+        one_hot_embedding=v["model.one_hot_embedding"], attention=v["model.attention"],
+        remat=v["model.remat"])
     optim = OptimSettings(
         gradient_accumulation_steps=v["optimizer.gradient_accumulation_steps"],
         max_iters=v["optimizer.max_iters"], weight_decay=v["optimizer.weight_decay"],

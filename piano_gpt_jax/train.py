@@ -156,7 +156,8 @@ def _model_config(cfg: TrainConfig, vocab_size: int, arch: dict | None = None):
     # one_hot_embedding None = gather: benchmarks/train_step.py measured it faster than the
     # one-hot matmul on XLA:CPU at the piano vocabulary (2265 tokens); accelerators gather cheaply.
     return ModelConfig(**{k: arch[k] for k in keys}, dropout=m.dropout, dtype=cfg.dtype,
-                       one_hot_embedding=bool(m.one_hot_embedding))
+                       one_hot_embedding=bool(m.one_hot_embedding), attention=m.attention,
+                       remat=m.remat)
 
 
 def _check_compatible(model_config, tokenizer, cfg: TrainConfig, source: str) -> None:
@@ -799,7 +800,8 @@ def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: Tra
                           lr=schedule_lr(cfg.optim, run_meta.step), b1=cfg.optim.beta1,
                           b2=cfg.optim.beta2, eps=1e-8, weight_decay=cfg.optim.weight_decay)
     # Export the architecture only: the compute dtype / embedding style are runtime choices.
-    arch = dataclasses.replace(model_config, dtype="float32", one_hot_embedding=False)
+    arch = dataclasses.replace(model_config, dtype="float32", one_hot_embedding=False,
+                               attention="auto", remat=False)
     return CheckpointRecord(arch, f32(host["params"]), meta.get("tokenizer_desc"), run_meta,
                             optimizer)
 
