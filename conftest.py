@@ -13,14 +13,43 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DIR = Path(os.environ.get("PIANO_GPT_SHARED", REPO_ROOT.parent / "shared"))
 MAESTRO_DIR = SHARED_DIR / "data" / "maestro"
+UPSTREAM_DIR = SHARED_DIR / "reference" / "upstream-checkpoint"
+# Set to 1 to turn a missing ../shared into skips (a partial run on a machine without it). CI never
+# sets it: there a missing ../shared must fail, or a green run would prove nothing about real data.
+SHARED_OPT_OUT = "PIANO_GPT_ALLOW_MISSING_SHARED"
+
+
+def require_shared(path: Path, what: str) -> Path:
+    """`path` when it exists; otherwise the test fails naming the path (skips under the opt-out)."""
+    if path.exists():
+        return path
+    message = (f"{what} not found at {path}: the tests read the read-only reference material in "
+               f"../shared (or $PIANO_GPT_SHARED). Provide it; only to run without it on purpose, "
+               f"set {SHARED_OPT_OUT}=1 (those tests are then skipped).")
+    if os.environ.get(SHARED_OPT_OUT) == "1":
+        pytest.skip(message)
+    pytest.fail(message, pytrace=False)
+
+
+def pytest_report_header(config) -> str:
+    state = "found" if MAESTRO_DIR.is_dir() and UPSTREAM_DIR.is_dir() else "MISSING"
+    opt_out = f"; {SHARED_OPT_OUT}=1" if os.environ.get(SHARED_OPT_OUT) == "1" else ""
+    return f"shared reference material: {SHARED_DIR} ({state}{opt_out})"
 
 
 @pytest.fixture(scope="session")
 def maestro_dir() -> Path:
     """Ten real MAESTRO performances (read-only; never copied into the project)."""
-    if not MAESTRO_DIR.is_dir():
-        pytest.skip(f"reference MIDI files not found at {MAESTRO_DIR}")
-    return MAESTRO_DIR
+    return require_shared(MAESTRO_DIR, "the ten MAESTRO MIDI files")
+
+
+@pytest.fixture(scope="session")
+def upstream_checkpoint() -> dict[str, Path]:
+    """The checkpoint piano-gpt's own code wrote (`pt`) and what its model computes (`io`)."""
+    require_shared(UPSTREAM_DIR, "the upstream piano-gpt checkpoint")
+    return {"pt": require_shared(UPSTREAM_DIR / "piano-gpt-f37ac14-bias.pt", "the upstream .pt"),
+            "io": require_shared(UPSTREAM_DIR / "piano-gpt-f37ac14-bias_io.npz",
+                                 "the upstream logits")}
 
 
 @pytest.fixture

@@ -180,3 +180,18 @@ def test_failed_export_leaves_output_untouched(tmp_path):
         save_torch_checkpoint(out, CheckpointRecord(cfg, broken))
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "run"]
+
+
+def test_torch_to_jax_step_option_names_the_checkpoint(tmp_path, reference_checkpoint):
+    """--step stores the conversion under that step instead of the file's iteration (501); the
+    weights and the rest of its metadata are unchanged."""
+    good, _ = reference_checkpoint(bias=True)
+    assert torch_to_jax_cli.main([str(good), str(tmp_path / "plain")]) == 0
+    assert torch_to_jax_cli.main([str(good), str(tmp_path / "stepped"), "--step", "77"]) == 0
+    assert [p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()] == ["501"]
+    assert [p.name for p in (tmp_path / "stepped" / "checkpoints").iterdir()] == ["77"]
+    plain, stepped = (load_model_checkpoint(tmp_path / n) for n in ("plain", "stepped"))
+    assert plain.step == 501 and stepped.step == 77
+    assert stepped.meta.total_tokens == plain.meta.total_tokens == 123456
+    for x, y in zip(jax_leaves(plain.params), jax_leaves(stepped.params), strict=True):
+        assert np.array_equal(x, y)

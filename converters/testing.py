@@ -1,15 +1,18 @@
-"""Test helpers: tiny models and checkpoints written the way the reference trainer writes them.
+"""Test helpers: tiny models and checkpoints written the way the reference trainer writes them,
+and losses recomputed by hand to check what the trainer reports.
 
 The `reference_checkpoint` fixture (root conftest.py) is built from these."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from converters.torch_model import TorchGPT
-from piano_gpt_jax.model import ModelConfig
+from piano_gpt_jax.model import ModelConfig, forward
 
 
 def tiny_config(bias: bool = False, time: bool = False, **kw) -> ModelConfig:
@@ -92,3 +95,38 @@ def randomize(model: TorchGPT, seed: int = 0) -> TorchGPT:
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model
+
+
+def losses_by_hand(model_config: ModelConfig, params, batches: list[dict], genai_id: int,
+                   pad_id: int) -> dict[str, float]:
+    """Token-mean cross-entropy of `params` on `batches`, in float64 from the logits, over two
+    masks built from the tokens alone (never from the batches' own `loss_mask`): `after_genai`
+    (positions from the <GENAI> token on, whose targets are the answer) and `all` (every non-pad
+    target). What a finetuning run must report is the first; a missed prompt mask gives the
+    second."""
+    totals = {"after_genai": [0.0, 0], "all": [0.0, 0]}
+    for b in batches:
+        tokens, targets = np.asarray(b["tokens"]), np.asarray(b["targets"])
+        logits = np.asarray(forward(model_config, params, tokens, b.get("time_steps")), np.float64)
+        peak = logits.max(-1, keepdims=True)
+        lse = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
+        nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        real = targets != pad_id
+        position = np.arange(tokens.shape[1])[None, :]
+        genai_at = np.argmax(tokens == genai_id, axis=1)[:, None]
+        has_genai = (tokens == genai_id).any(axis=1)[:, None]
+        for name, mask in (("after_genai", real & has_genai & (position >= genai_at)),
+                           ("all", real)):
+            totals[name][0] += float(nll[mask].sum())
+            totals[name][1] += int(mask.sum())
+    return {name: total / count for name, (total, count) in totals.items()}
+
+
+def reference_lr(it: int, lr: float, min_lr: float, warmup: int, decay: int) -> float:
+    """piano-gpt's CosineDecayLRScheduler.get_lr at its 1-based iteration `it`, transcribed from
+    the reference document (section 5.2), not from our optim.py."""
+    if it < warmup:
+        return lr * it / warmup
+    if it > decay:
+        return min_lr
+    return min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (decay - warmup))) * (lr - min_lr)

@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piano_gpt_jax.model import LAYER_NORM_EPS, N_TIME_STEPS, ModelConfig
+from piano_gpt_jax.model import ModelConfig
 
+# The twin is a second implementation to check the Flax model against, so its constants come from
+# the reference document (../shared/reference/piano-gpt-reference.md, section 1.1 "Modules and
+# math"), never from the code under test: LayerNorm is `F.layer_norm(..., eps=1e-5)`, and HEAD's
+# music-time embedding `wmte` has n_time_steps = 10_000 rows, indexed by time steps clipped to
+# [0, 9999].
+LAYER_NORM_EPS = 1e-5
+N_TIME_STEPS = 10_000
 IGNORE_INDEX = -100
 
 

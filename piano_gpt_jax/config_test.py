@@ -81,6 +81,7 @@ def test_bad_values(key, value, expect):
     assert expect in msg
 
 
+@pytest.mark.slow  # `python -m piano_gpt_jax.train` subprocesses
 def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
     def run(*overrides):
         return subprocess.run(

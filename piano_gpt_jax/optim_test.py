@@ -9,9 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from piano_gpt_jax.config import OptimSettings
+from piano_gpt_jax.config import OptimSettings, build_train_config
 from piano_gpt_jax.model import ModelConfig, init_params
-from piano_gpt_jax.optim import decay_mask, make_optimizer, make_schedule, reference_lr
+from piano_gpt_jax.optim import (
+    adam_state,
+    decay_mask,
+    make_optimizer,
+    make_schedule,
+    reference_lr,
+)
 
 BASE = OptimSettings(gradient_accumulation_steps=1, max_iters=300, weight_decay=0.1,
                      grad_clip=1.0, beta1=0.9, beta2=0.95, learning_rate=8e-5, min_lr=8e-6,
@@ -74,10 +80,31 @@ def test_adamw_update_matches_hand_computation():
     tx = make_optimizer(s)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    # clip: global norm = sqrt(4*9 + 2*16) = sqrt(68); Adam's first step moves by lr*sign(g).
+    # Adam's first step moves by lr*sign(g) whatever the gradient's scale (the clip cannot show
+    # here; see the moment test below), plus decoupled decay lr*wd*w on the matrix only.
     lr = s.learning_rate
     np.testing.assert_allclose(new["w"], 1 - lr - lr * 0.1, rtol=1e-6)
     np.testing.assert_allclose(new["b"], 1 - lr, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip,factor", [
+    (0.5, 0.5 / math.sqrt(68.0)),  # global norm sqrt(4*3^2 + 2*4^2) = sqrt(68) > 0.5: scaled
+    (100.0, 1.0),  # norm below the threshold: untouched
+    (0.0, 1.0),  # 0 switches clipping off
+], ids=["clipped", "below-threshold", "off"])
+def test_grad_clip_scales_what_adam_accumulates(grad_clip, factor):
+    """optimizer.grad_clip, seen where it matters: Adam's moments hold the clipped gradient,
+    mu = (1 - beta1) g_clipped and nu = (1 - beta2) g_clipped^2 after one update."""
+    s = build_train_config({"optimizer": {"grad_clip": grad_clip}}).optim  # the config key
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    grads = {"w": jnp.full((2, 2), 3.0), "b": jnp.full((2,), 4.0)}
+    tx = make_optimizer(s)
+    _, state = tx.update(grads, tx.init(params), params)
+    adam, updates_done = adam_state(state)
+    assert int(adam.count) == 1 and int(updates_done) == 1
+    for k, g in (("w", 3.0), ("b", 4.0)):
+        np.testing.assert_allclose(adam.mu[k], (1 - s.beta1) * g * factor, rtol=1e-6)
+        np.testing.assert_allclose(adam.nu[k], (1 - s.beta2) * (g * factor) ** 2, rtol=1e-6)
 
 
 def test_multisteps_applies_every_k_micro_steps():

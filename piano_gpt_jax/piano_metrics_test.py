@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from piano_gpt_jax import piano_metrics as pm
+from piano_gpt_jax.data import midi_io
 
 H = math.sqrt(2 / 15)
 
@@ -132,6 +133,23 @@ def test_f1_pitch_class_off_and_set_semantics():
     assert out["weighted_f1"] == pytest.approx(2 / 3)
 
 
+def test_metrics_know_which_side_is_the_target():
+    """calculate_flat(target, generated): precision is over the generated notes, recall over the
+    target's. F1 itself is symmetric, so these two are what pin the argument order."""
+    target = notes((60, 80, 0.0, 1.0), (64, 80, 0.0, 1.0))
+    generated = notes((60, 80, 0.0, 1.0))
+    m = pm.MetricsManager.load_default()
+    flat = m.calculate_flat(target, generated)
+    assert flat["confusion metrics/weighted_precision"] == 1.0  # the one generated note is right
+    assert flat["confusion metrics/weighted_recall"] == 0.5  # it found one of two target notes
+    assert flat["confusion metrics/weighted_f1"] == pytest.approx(2 / 3)
+    swapped = m.calculate_flat(generated, target)
+    assert swapped["confusion metrics/weighted_precision"] == 0.5
+    assert swapped["confusion metrics/weighted_recall"] == 1.0
+    # the histograms compare the target's to the generation's: 64 only in the target
+    assert flat["pitch distribution/taxicab_distance"] == pytest.approx(1.0)
+
+
 def test_empty_and_single_note_inputs():
     target = notes((60, 80, 0.0, 1.0), (62, 70, 0.5, 1.5))
     empty = pd.DataFrame()  # what decode returns for no notes
@@ -153,7 +171,6 @@ def test_empty_and_single_note_inputs():
 
 
 def test_identical_real_music_scores_perfectly(maestro_dir):
-    midi_io = pytest.importorskip("piano_gpt_jax.data.midi_io")
     path = sorted(maestro_dir.glob("*.mid"))[0]
     df = midi_io.read_midi(path)
     df = df[df.start < 20.0].reset_index(drop=True)

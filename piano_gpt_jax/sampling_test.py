@@ -121,17 +121,32 @@ def test_prompt_time_steps_match_tokenizer(tokenizer, prompts):
 
 def test_budget_and_no_recompile_for_new_settings(tokenizer, prompts):
     cfg, params = _model(tokenizer, time_embedding=False, seed=2)
-    a = sampling.generate(cfg, params, [prompts[1]],
-                          sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3))
-    assert len(a.new_tokens[0]) <= 9
+    plain = sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3, stop_at_eos=False)
+    a = sampling.generate(cfg, params, [prompts[1]], plain)
+    assert len(a.new_tokens[0]) == 9 and not a.stopped[0]  # exactly the budget, no stop token
     b = sampling.generate(cfg, params, [prompts[1]],
                           sampling.SamplingSettings(temperature=0.7, top_k=5, top_p=0.9,
                                                     min_p=0.05, max_new_tokens=7, seed=4))
     assert b.compile_seconds == 0.0  # same shapes: sampling values are runtime arguments
     assert len(b.new_tokens[0]) == 7
-    c = sampling.generate(cfg, params, [prompts[1]],
-                          sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3))
+    c = sampling.generate(cfg, params, [prompts[1]], plain)
     np.testing.assert_array_equal(a.new_tokens[0], c.new_tokens[0])  # seeded
+
+
+def test_filters_that_keep_one_token_sample_the_greedy_path(tokenizer, prompts):
+    """At temperature 1, top_k=1, a tiny top_p and a min_p near 1 each leave only the most likely
+    token: the draw is the greedy path, for every seed. Unfiltered sampling is not, so a filter
+    the sampler ignored would fail here."""
+    cfg, params = _model(tokenizer, time_embedding=False, seed=2)
+    run = lambda **kw: sampling.generate(cfg, params, [prompts[1]], sampling.SamplingSettings(
+        max_new_tokens=12, stop_at_eos=False, **kw)).new_tokens[0]
+    greedy = run(temperature=0.0)
+    assert len(set(greedy.tolist())) > 3  # a varied path, not one repeated token
+    for seed in (0, 1):
+        for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 0.999}):
+            np.testing.assert_array_equal(run(temperature=1.0, seed=seed, **kw), greedy,
+                                          err_msg=str(kw))
+    assert any(not np.array_equal(run(temperature=1.0, seed=seed), greedy) for seed in (0, 1))
 
 
 def test_filters_on_hand_made_logits():
@@ -161,6 +176,16 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     draws = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 1.0, 2, 1.0, 0.0))
     assert set(draws.tolist()) <= {0, 1}
     assert abs((draws == 0).mean() - 0.6) < 0.03  # .45 / .75, binomial sd ~ .008
+    # top_p 0.7 keeps ids 0 and 1 (mass before id 1 is .45 < .7, before id 2 .75): never 2 or 3
+    nucleus = np.asarray(sampling.sample_logits(jax.random.PRNGKey(2), logits, 1.0, 0, 0.7, 0.0))
+    assert set(nucleus.tolist()) == {0, 1}
+    assert abs((nucleus == 0).mean() - 0.6) < 0.03
+    # min_p 0.5: threshold .5 * .45 = .225 keeps ids 0 and 1; id 2 (.15) and id 3 (.1) never drawn
+    floor = np.asarray(sampling.sample_logits(jax.random.PRNGKey(3), logits, 1.0, 0, 1.0, 0.5))
+    assert set(floor.tolist()) == {0, 1}
+    # min_p 0.3: threshold .135 now keeps id 2 (.15) but still never id 3 (.1)
+    floor = np.asarray(sampling.sample_logits(jax.random.PRNGKey(4), logits, 1.0, 0, 1.0, 0.3))
+    assert set(floor.tolist()) == {0, 1, 2}
     greedy = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 0.0, 0, 1.0, 0.0))
     assert (greedy == 0).all()
     hot = np.asarray(sampling.sample_logits(jax.random.PRNGKey(1), logits, 2.0, 0, 1.0, 0.0))

@@ -115,7 +115,11 @@ def test_bfloat16_keeps_float32_master_params():
     state, m = train(state, b)
     assert {x.dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
     ref_loss, _ = token_loss(CFG, init_params(CFG, jax.random.PRNGKey(0)), b)
-    assert float(m["loss"]) == pytest.approx(float(ref_loss), abs=0.05)
+    # The loss really was computed in bfloat16: off the float32 loss by bfloat16 rounding of
+    # logits of size ~0.1 (unit roundoff 2^-8: ~4e-4 per logit, less on the mean), yet more than
+    # float32's own reordering noise (~1e-7 at a loss of ~3.9).
+    diff = abs(float(m["loss"]) - float(ref_loss))
+    assert 1e-6 < diff < 1e-3, diff
 
 
 def test_float16_overflow_skips_steps_lowers_scale_keeps_params_finite():

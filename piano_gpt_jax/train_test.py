@@ -59,6 +59,7 @@ def test_bad_init_checkpoints_stop_before_anything_is_written(reference_checkpoi
     assert not out.exists()
 
 
+@pytest.mark.slow  # a `python -m piano_gpt_jax.train` subprocess
 def test_the_command_line_exits_2_with_one_line(reference_checkpoint, tmp_path):
     pt = _variant(reference_checkpoint, tmp_path, "legacy.pt", lambda c: c.pop("optimizer"))
     out = tmp_path / "run"
@@ -78,3 +79,34 @@ def test_init_optimizer_needs_a_checkpoint():
     with pytest.raises(ConfigError, match="init_optimizer=True .* init_from is "
                                           "scratch_next_token"):
         build_train_config({"init_optimizer": True})
+
+
+def test_a_checkpoint_vocabulary_without_room_for_the_prompt_layout_stops(tmp_path):
+    """init_from a piano-gpt f37ac14-era vocabulary (1241 tokens, 1024 special ids) but ask for
+    the head prompt layout: its 1,371 prefix tokens cannot fit the 979 free slots. One message
+    names the numbers and the fix, before any data is read or anything is written."""
+    import jax
+
+    from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
+    from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
+    from piano_gpt_jax.data import pieces
+    from piano_gpt_jax.model import ModelConfig, init_params
+    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+
+    tok = ExponentialTimeTokenizer.build({"time_unit": 0.01, "max_time_step": 1.0,
+                                          "n_velocity_bins": 32, "n_special_ids": 1024})
+    tok.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS, "<GENAI>"])
+    model = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                        context_size=64)
+    pt = save_torch_checkpoint(tmp_path / "f37ac14.pt", CheckpointRecord(
+        model, init_params(model, jax.random.PRNGKey(0)), tok.to_dict(), RunMeta(step=5)))
+    out = tmp_path / "run"
+    cfg = build_train_config({"out_dir": str(out), "init_from": str(pt),
+                              "model": {"context_size": 64}, "data": {
+                                  "context_size": 64, "prompt_layout": "head"},
+                              "dataset": {"base_dataset_name": str(tmp_path / "no-data")}})
+    with pytest.raises(trainer.UsageError, match=r"vocab_size 1241, n_special_ids 1024\) has "
+                                                 r"\d+ free special-token slots.*'head' prompt "
+                                                 r"layout.*data.prompt_layout='f37ac14'"):
+        trainer.train(cfg)
+    assert not out.exists()

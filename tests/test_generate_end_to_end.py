@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import datasets
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
 from converters import save_torch_checkpoint
 from converters import torch_generate as tg
-from piano_gpt_jax import evaluate, generate, piano_metrics
+from piano_gpt_jax import evaluate, generate, piano_metrics, sampling
 from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, save_model_checkpoint
 from piano_gpt_jax.data.midi_io import read_midi
 from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
@@ -111,6 +114,51 @@ def test_continuation_samples_and_refusals(setup, capsys):
                  "--prompt-midi", str(setup["midi"])])
 
 
+def _ids(summary) -> list[int]:
+    return summary["samples"][0]["ids"]
+
+
+def test_prompt_from_a_dataset_record_with_tokens_and_filters(setup, eval_dataset, tmp_path):
+    """--prompt-dataset SPLIT:INDEX (the README's first example) with --dataset, and from the
+    run's own dataset; --composer-token; --top-k 1 and --min-p near 1 sample the greedy path."""
+    tok = setup["tok"]
+    record = datasets.load_from_disk(str(eval_dataset))["validation"][0]  # Liszt, 400 notes
+    argv = ["--checkpoint", str(setup["run_dir"]), "--prompt-dataset", "validation:0",
+            "--dataset", str(eval_dataset), "--prompt-notes", "12", "--max-new-tokens", "16"]
+    run = lambda name, *extra: generate.run(generate.build_parser().parse_args(
+        [*argv, "--out", str(tmp_path / name), *extra]))
+
+    greedy = run("greedy", "--temperature", "0")
+    assert greedy["prompt"] == f"{eval_dataset} validation[0]" and greedy["prompt_notes"] == 12
+    prompt = json.loads(Path(greedy["files"]["ids"]).read_text())["prompt_ids"]
+    assert [tok.vocab[i] for i in prompt[:2]] == ["<MAESTRO>", "<LISZT>"]  # from its source
+    first = pd.DataFrame(record["notes"]).sort_values("start", kind="stable").iloc[:12]
+    decoded = tok.decode(prompt[2:])  # the record's first 12 notes (chords in pitch order)
+    assert sorted(decoded["pitch"]) == sorted(first["pitch"])
+    span = first["start"].max() - first["start"].min()
+    assert decoded["start"].max() == pytest.approx(span, abs=0.01)  # shifted to t = 0
+
+    chopin = run("chopin", "--temperature", "0", "--composer-token", "<CHOPIN>")
+    chopin_prompt = json.loads(Path(chopin["files"]["ids"]).read_text())["prompt_ids"]
+    assert tok.vocab[chopin_prompt[1]] == "<CHOPIN>" and chopin_prompt[2:] == prompt[2:]
+
+    assert _ids(run("top_k", "--temperature", "1", "--top-k", "1")) == _ids(greedy)
+    assert _ids(run("min_p", "--temperature", "1", "--min-p", "0.999")) == _ids(greedy)
+    assert _ids(run("free", "--temperature", "1")) != _ids(greedy)  # without them, it is not
+
+    # Without --dataset: the dataset the checkpoint's run trained on.
+    own = tmp_path / "own-run"
+    save_model_checkpoint(own, CheckpointRecord(
+        setup["cfg"], setup["params"], tok.to_dict(),
+        RunMeta(step=1, config={"dataset": {"base_dataset_name": str(eval_dataset)}})))
+    from_run = generate.run(generate.build_parser().parse_args(
+        ["--checkpoint", str(own), "--out", str(tmp_path / "own"), "--prompt-dataset",
+         "validation:1", "--prompt-notes", "12", "--temperature", "0", "--max-new-tokens", "4"]))
+    assert from_run["prompt"] == f"{eval_dataset} validation[1]"
+    own_prompt = json.loads(Path(from_run["files"]["ids"]).read_text())["prompt_ids"]
+    assert tok.vocab[own_prompt[1]] == "<CHOPIN>"  # record 1 is the Chopin one
+
+
 def test_torch_filters_match_jax_filters():
     import torch
 
@@ -139,7 +187,7 @@ def eval_dataset(tmp_path_factory, maestro_dir):
     return path
 
 
-def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys):
+def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys, monkeypatch):
     settings = dataclasses.replace(setup["settings"], base_dataset_name=str(eval_dataset))
     pipe = make_pipeline(settings, setup["tok"])
     res = evaluate.run_task_evaluation(setup["cfg"], setup["params"], setup["tok"], pipe,
@@ -152,16 +200,81 @@ def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys):
         assert sum(v["n_examples"] for t, v in per_task.items() if t != "all") == 4
         for k in keys:
             assert k in per_task["all"]
-        assert 0.0 <= per_task["all"]["confusion metrics/weighted_f1"] <= 1.0
+        # an untrained model does not answer the task: far from the perfect score below
+        assert per_task["all"]["confusion metrics/weighted_f1"] < 0.5
 
-    # the CLI: checkpoint dir + dataset, console table and metrics.jsonl in the run dir
+    # the CLI: checkpoint dir + dataset, console table and metrics.jsonl in the run dir; --wandb
+    # (offline) logs the same table, through a recording stand-in for the wandb package
+    wandb_calls = []
+    fake_run = types.SimpleNamespace(log=lambda d: wandb_calls.append(("log", d)),
+                                     finish=lambda: wandb_calls.append(("finish", None)))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=lambda **kw: wandb_calls.append(("init", kw)) or fake_run))
+    monkeypatch.setenv("WANDB_MODE", "offline")
     assert evaluate.main(["--checkpoint", str(setup["run_dir"]), "--dataset", str(eval_dataset),
-                          "--split", "full_val", "--n-examples", "2"]) == 0
+                          "--split", "full_val", "--n-examples", "2", "--wandb"]) == 0
     out = capsys.readouterr().out
     assert "confusion metrics/weighted_f1" in out and "== full_val ==" in out
     lines = (setup["run_dir"] / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines]
     assert rows[0]["event"] == "task_eval" and rows[0]["task"] == "all" and rows[0]["step"] == 7
+    assert [c[0] for c in wandb_calls] == ["init", "log", "finish"]
+    init, logged = wandb_calls[0][1], wandb_calls[1][1]
+    assert init["mode"] == "offline" and init["config"]["step"] == 7
+    assert logged["iter"] == 7
+    assert logged["metrics/full_val_confusion metrics/weighted_f1"] == pytest.approx(
+        rows[0]["confusion metrics/weighted_f1"])
+    assert logged["metrics/full_val_n_examples"] == 2
+
+
+def _answering(examples: list[dict], answer):
+    """A stand-in for sampling.generate that answers each known prompt with answer(example)."""
+    by_prompt = {tuple(e["prompt_ids"].tolist()): e for e in examples}
+
+    def generate_(cfg, params, prompts, settings, tables=None):
+        new = [np.asarray(answer(by_prompt[tuple(np.asarray(p).tolist())]), np.int32)
+               for p in prompts]
+        return sampling.GenerationResult(new, np.zeros(len(new), bool), 1.0, 0.0)
+
+    return generate_
+
+
+def test_evaluation_scores_a_perfect_and_an_empty_answer(setup, eval_dataset, monkeypatch):
+    """The scoring path with answers whose scores are known: the target itself scores F1 = 1 and
+    no empty generation; an empty answer scores F1 = 0, is counted as empty, and its all-zero
+    pitch histogram gives a NaN correlation that is counted and left out of the mean.
+
+    F1 on exact pitches here: the default config's pitch classes (a reference quirk, see
+    piano_metrics_test) score even a perfect answer below 1 when two notes of one pitch class
+    sound together, as they do in one of these targets."""
+    exact = [dict(m, params={**m["params"], "use_pitch_class": False})
+             if m["class"] == "F1Metric" else m for m in piano_metrics.DEFAULT_METRICS_CONFIG]
+    monkeypatch.setattr(piano_metrics.MetricsManager, "load_default",
+                        classmethod(lambda cls: cls(exact)))
+    settings = dataclasses.replace(setup["settings"], base_dataset_name=str(eval_dataset))
+    pipe = make_pipeline(settings, setup["tok"])
+    examples = pipe.eval_examples("full_val", 4)
+    assert len({e["task"] for e in examples}) > 1  # several tasks: "all" pools them
+
+    def run(answer):
+        monkeypatch.setattr(sampling, "generate", _answering(examples, answer))
+        return evaluate.run_task_evaluation(setup["cfg"], setup["params"], setup["tok"], pipe,
+                                            ["full_val"], n_examples=4)["full_val"]
+
+    perfect = run(lambda e: e["target_ids"])
+    for task, scores in perfect.items():
+        assert scores["confusion metrics/weighted_f1"] == 1.0, task
+        assert scores["confusion metrics/weighted_precision"] == 1.0, task
+        assert scores["confusion metrics/weighted_recall"] == 1.0, task
+        assert scores["pitch distribution/taxicab_distance"] == 0.0, task
+        assert scores["n_empty_generations"] == 0, task
+    assert perfect["all"]["n_examples"] == 4
+
+    empty = run(lambda e: [])["all"]
+    assert empty["confusion metrics/weighted_f1"] == 0.0
+    assert empty["n_empty_generations"] == 4 == empty["n_examples"]
+    assert empty["n_nan/pitch distribution/correlation"] == 4
+    assert math.isnan(empty["pitch distribution/correlation"])
 
 
 @pytest.mark.slow
@@ -176,6 +289,12 @@ def test_cli_subprocesses(setup, tmp_path):
              "--max-new-tokens", "24"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "tokens/s" in r.stdout and (out / "generation.mid").is_file()
+    # greedy: the PyTorch twin samples exactly the tokens JAX does, from the same prompt
+    jax_ids, torch_ids = (json.loads((tmp_path / m / "generation.json").read_text())
+                          for m in ("piano_gpt_jax.generate", "converters.torch_generate"))
+    assert torch_ids["prompt_ids"] == jax_ids["prompt_ids"]
+    assert torch_ids["samples"][0]["ids"] == jax_ids["samples"][0]["ids"]
+    assert len(jax_ids["samples"][0]["ids"]) == 24 and len(set(jax_ids["samples"][0]["ids"])) > 3
     bad = subprocess.run([sys.executable, "-m", "piano_gpt_jax.generate", "--checkpoint",
                           str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
                           "--prompt-midi", str(setup["midi"])],

@@ -103,3 +103,23 @@ def test_cli_empty_folder_exits_non_zero_without_traceback(tmp_path):
     assert "no .mid or .midi files found" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_options_no_sustain_fractions_and_seed(maestro_dir, tmp_path):
+    """--no-sustain stores the dry note ends; --val-fraction/--test-fraction size the splits;
+    --seed picks which files go where (the same order assign_splits gives for that seed)."""
+    out = tmp_path / "custom"
+    assert import_midi.main([str(maestro_dir), str(out), "--no-sustain", "--val-fraction", "0.3",
+                             "--test-fraction", "0.2", "--seed", "1"]) == 0
+    ds = load_piano_dataset(str(out))
+    assert {s: len(ds[s]) for s in ds} == {"train": 5, "validation": 3, "test": 2}
+    got = {json.loads(src)["filename"]: split for split in ds for src in ds[split]["source"]}
+    names = sorted(p.name for p in maestro_dir.glob("*.mid"))
+    assert got == import_midi.assign_splits(names, 0.3, 0.2, seed=1)
+    assert got != import_midi.assign_splits(names, 0.3, 0.2, seed=0)  # the seed decides
+    row = next(r for s in ds for r in ds[s]
+               if json.loads(r["source"])["filename"] == "Maestro_1.mid")
+    dry = read_midi(maestro_dir / "Maestro_1.mid", sustain=False)
+    np.testing.assert_array_equal(np.asarray(row["notes"]["end"]), dry.end.to_numpy())
+    np.testing.assert_array_equal(np.asarray(row["notes"]["pitch"]), dry.pitch.to_numpy())
+    assert _all_notes(ds) == MAESTRO_NOTES  # the pedal moves note ends, never adds or drops

@@ -27,8 +27,6 @@ from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.model import ModelConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-UPSTREAM = SHARED / "reference" / "upstream-checkpoint" / "piano-gpt-f37ac14-bias.pt"
 K, M, GAS = 3, 3, 2
 LR = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=2, lr_decay_iters=20)
 TOLERANCE = 1e-5
@@ -220,11 +218,12 @@ def test_jax_run_continues_in_pytorch(dataset, tmp_path):
     assert diff < TOLERANCE
 
 
-@pytest.mark.skipif(not UPSTREAM.is_file(), reason="needs ../shared (see conftest.py)")
-def test_upstream_checkpoint_continues_in_jax_as_in_pytorch(dataset, tmp_path):
+def test_upstream_checkpoint_continues_in_jax_as_in_pytorch(dataset, upstream_checkpoint,
+                                                           tmp_path):
     """The checkpoint piano-gpt's own code wrote: its AdamW state (3 steps) and run_stats
     (iter 14) continue here as they continue in PyTorch."""
-    upstream = torch.load(UPSTREAM, weights_only=False)
+    pt = upstream_checkpoint["pt"]
+    upstream = torch.load(pt, weights_only=False)
     assert upstream["run_stats"]["iter"] == 14
     assert upstream["optimizer"]["state"][0]["step"].item() == 3
     model = TorchGPT(ModelConfig(vocab_size=2265, n_layer=2, n_head=4, n_embd=64,
@@ -238,7 +237,7 @@ def test_upstream_checkpoint_continues_in_jax_as_in_pytorch(dataset, tmp_path):
     over = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 64, "model.bias": True,
             "model.context_size": 128}
     cfg = run_config(dataset, out, 14 + M, **over)
-    train_jax({**cfg, "init_from": str(UPSTREAM), "init_optimizer": True})
+    train_jax({**cfg, "init_from": str(pt), "init_optimizer": True})
     desc = upstream["tokenizer_desc"]
     for it, batches in enumerate(micro_batches(cfg, 0, M, desc), start=15):
         torch_run.step(it, batches)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from piano_gpt_jax.app import models
 from piano_gpt_jax.app.errors import AppError
@@ -38,7 +39,6 @@ def test_bad_checkpoints_are_refused(tmp_path):
     (empty_run / "checkpoints").mkdir(parents=True)
     with pytest.raises(AppError, match="cannot load checkpoint"):
         models.load_model(empty_run)
-    torch = pytest.importorskip("torch")
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, evil)

@@ -118,15 +118,16 @@ def test_corrupt_files_raise_midi_read_error(tmp_path, content):
     assert str(path) in str(info.value)
 
 
-def test_truncated_real_file_raises_or_reads(maestro_dir, tmp_path):
+def test_truncated_real_file_is_refused_not_half_read(maestro_dir, tmp_path):
+    """A file cut mid-track would silently lose its second half if read; it is refused instead,
+    with the path in the message (importers count and skip it)."""
     data = (maestro_dir / "Maestro_1.mid").read_bytes()
+    assert len(read_midi(maestro_dir / "Maestro_1.mid")) == 2367  # whole, it reads
     path = tmp_path / "cut.mid"
     path.write_bytes(data[: len(data) // 2])
-    try:
-        notes = read_midi(path)
-    except MidiReadError:
-        return
-    assert len(notes) < 2367
+    with pytest.raises(MidiReadError) as info:
+        read_midi(path)
+    assert str(path) in str(info.value)
 
 
 def test_missing_file_raises_midi_read_error(tmp_path):

@@ -84,7 +84,12 @@ def test_eval_batches_and_examples_are_deterministic(patched):
     for e in ex:
         assert e["prompt_ids"][-1] == genai and genai not in e["target_ids"]
         assert len(e["prompt_time_steps"]) == len(e["prompt_ids"])
-        assert len(p.tokenizer.decode(e["target_ids"])) >= 0
+        # The head layout announces the target's size (<N_NOTES_k>, third token); the target ids
+        # must decode to exactly that many notes, and a task always leaves at least one.
+        announced = p.tokenizer.vocab[e["prompt_ids"][2]]
+        assert announced.startswith("<N_NOTES_")
+        n_target = int(announced[len("<N_NOTES_"):-1])
+        assert len(p.tokenizer.decode(e["target_ids"])) == n_target >= 1
     assert [e["task"] for e in ex] == [e["task"] for e in p.eval_examples("full_val", 3)]
 
 
@@ -182,3 +187,42 @@ def test_settings_are_validated():
         settings(stage="pretrain")
     with pytest.raises(ValueError, match="divisible"):
         settings(batch_size=3, shard_count=2)
+
+
+def _n_notes(split) -> int:
+    return sum(len(r["notes"]["pitch"]) for r in split)
+
+
+def test_extra_datasets_are_the_training_data(monkeypatch, stand_in):
+    """dataset.extra_datasets: training reads every extra's train split, in order, and not the
+    base's; validation still comes from the base dataset."""
+    val = stand_in["validation"]
+    by_name = {"base": stand_in,
+               "extra-a": datasets.DatasetDict({"train": val.select([0])}),
+               "extra-b": datasets.DatasetDict({"train": val.select([1, 2]),
+                                                "validation": stand_in["train"]})}
+    monkeypatch.setattr(pipeline, "_load_dataset", lambda name, required_splits: by_name[name])
+    s = settings(base_dataset_name="base", extra_datasets=("extra-a", "extra-b"),
+                 stage="next_token_pretraining")
+    p = make_pipeline(s, build_tokenizer(s))
+    assert p.train_store.n_notes == _n_notes(val) == 3 * 1500  # a (1 piece) + b (2 pieces)
+    assert _n_notes(stand_in["train"]) == 3 * 1500  # same size: compare the notes themselves
+    first_train_pitch = p.train_store.piece(0)["pitch"][:20].tolist()
+    assert first_train_pitch == list(val[0]["notes"]["pitch"][:20])
+    assert first_train_pitch != list(stand_in["train"][0]["notes"]["pitch"][:20])
+    base_only = make_pipeline(settings(base_dataset_name="base",
+                                       stage="next_token_pretraining"), build_tokenizer(s))
+    assert len(base_only.eval_records["full_val"]) == len(p.eval_records["full_val"])
+
+
+def test_extra_dataset_without_a_train_split_is_an_error(monkeypatch, stand_in):
+    by_name = {"base": stand_in,
+               "only-val": datasets.DatasetDict({"validation": stand_in["validation"]})}
+    monkeypatch.setattr(pipeline, "_load_dataset", lambda name, required_splits: by_name[name])
+    s = settings(base_dataset_name="base", extra_datasets=("only-val",))
+    with pytest.raises(ValueError, match=r"'only-val' \(in dataset.extra_datasets\) has no train"):
+        make_pipeline(s, build_tokenizer(s))
+    by_name["base"] = datasets.DatasetDict({"validation": stand_in["validation"]})
+    s = settings(base_dataset_name="base")
+    with pytest.raises(ValueError, match="'base' has no train split; give dataset.extra_datasets"):
+        make_pipeline(s, build_tokenizer(s))

@@ -30,6 +30,15 @@ def tok():
     return t
 
 
+# The reference worked example's record in the head layout, token by token (tokenizer-tasks-
+# metrics.md, worked example 1.11, with HighNotesMasking(1)).
+GOLDEN_RECORD = (
+    "<MAESTRO> <CHOPIN> <N_NOTES_1> <PARAMETRIC_HIGH_NOTES> <PARAMETER_1> <MUSIC_TIME_3> "
+    "<MUSIC_TIME_3> VELOCITY_20 NOTE_ON_60 16T 8T 1T VELOCITY_25 NOTE_ON_64 16T 8T 1T "
+    "NOTE_OFF_60 NOTE_OFF_64 <GENAI> 16T 8T 1T VELOCITY_16 NOTE_ON_67 64T 32T 8T 4T NOTE_OFF_67"
+).split()
+
+
 def golden_split():
     # The reference worked example (1.11) shifted by 10 s: windows are moved back to t = 0.
     notes = {"pitch": [[60, 64, 67]], "velocity": [[80, 101, 64]],
@@ -54,11 +63,7 @@ def test_piano_task_layout_matches_the_reference_example(tok):
     assert len(recs) == 1
     task, prompt, target = recs.parts(0)
     assert task == "high_notes_masking-x1"
-    expected = (
-        "<MAESTRO> <CHOPIN> <N_NOTES_1> <PARAMETRIC_HIGH_NOTES> <PARAMETER_1> <MUSIC_TIME_3> "
-        "<MUSIC_TIME_3> VELOCITY_20 NOTE_ON_60 16T 8T 1T VELOCITY_25 NOTE_ON_64 16T 8T 1T "
-        "NOTE_OFF_60 NOTE_OFF_64 <GENAI> 16T 8T 1T VELOCITY_16 NOTE_ON_67 64T 32T 8T 4T NOTE_OFF_67"
-    ).split()
+    expected = GOLDEN_RECORD
     assert [tok.vocab[i] for i in np.concatenate([prompt, target])] == expected
 
     ex = recs.example(0)
@@ -159,10 +164,22 @@ def test_time_steps_restart_after_genai(tok):
     assert steps.tolist() == tok.time_steps(full)[:-1].tolist()
 
 
-def test_truncation_to_context(tok):
+def test_truncation_to_context_keeps_the_head(tok):
+    """A record longer than the context keeps its first context_size + 1 tokens: the prefix and
+    the start of the source survive, the answer is cut (and with finetuning nothing is trained)."""
     store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
     ex = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 10).example(0)
-    assert ex["tokens"].shape == (10,) and ex["loss_mask"].all()
+    assert [tok.vocab[i] for i in ex["tokens"]] == GOLDEN_RECORD[:10]  # up to NOTE_ON_60 16T
+    assert [tok.vocab[i] for i in ex["targets"]] == GOLDEN_RECORD[1:11]
+    assert ex["loss_mask"].tolist() == [1] * 10
+    fine = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, 10, "finetuning").example(0)
+    assert fine["tokens"].tolist() == ex["tokens"].tolist()
+    assert fine["loss_mask"].sum() == 0  # <GENAI> is token 20: no answer token fits
+    # One token short of the whole record: everything but the final <EOGENAI> target survives.
+    n = len(GOLDEN_RECORD)
+    near = PianoTaskRecords(store, tok, [HighNotesMasking(1)], 3, n).example(0)
+    assert [tok.vocab[i] for i in near["targets"]] == GOLDEN_RECORD[1:] + ["<EOGENAI>"]
+    assert near["loss_mask"].all()
 
 
 def real_store(maestro_dir, n_files=2):
@@ -175,14 +192,30 @@ def real_store(maestro_dir, n_files=2):
     return PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
 
 
-def test_window_index_uses_cumulative_counts(tok, maestro_dir):
-    store = real_store(maestro_dir)
-    recs = PianoTaskRecords(store, tok, [StrideMasking(2), HighNotesMasking(1)], 64, 512)
-    counts = np.maximum(np.diff(store.offsets) - 64 + 1, 0)
-    assert len(recs) == 2 * counts.sum()
-    last_piece = int(np.nonzero(counts)[0][-1])
-    assert recs.locate(len(recs) - 1) == (last_piece, int(counts[last_piece]) - 1, 1)
-    assert recs.locate(2 * int(counts[0])) == (1, 0, 0)
+def toy_store(lengths: list[int]) -> PieceStore:
+    """Pieces of the given note counts (one record each, no pauses): a store counted by hand."""
+    rows = []
+    for n in lengths:
+        start = np.arange(n) * 0.5
+        rows.append({"notes": {"pitch": [60] * n, "velocity": [80] * n, "start": start.tolist(),
+                               "end": (start + 0.4).tolist()}, "source": SOURCE})
+    return PieceStore.from_split(datasets.Dataset.from_list(rows), pause_threshold=4.0)
+
+
+def test_window_index_counted_by_hand(tok):
+    """Pieces of 5, 2 and 4 notes, windows of 3 notes, two tasks. Windows start at notes 0-2 of
+    piece 0, none in piece 1 (too short), notes 0-1 of piece 2: 5 windows, 10 records, task
+    varying fastest."""
+    store = toy_store([5, 2, 4])
+    recs = PianoTaskRecords(store, tok, [StrideMasking(2), HighNotesMasking(1)], 3, 64)
+    assert len(recs) == 10
+    expected = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1),
+                (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)]
+    assert [recs.locate(i) for i in range(10)] == expected
+    # the window's notes are those of its piece and first note: record 8 is piece 2, notes 1..3
+    _, _, notes = recs._window(8, None, None)
+    np.testing.assert_allclose(notes["start"], [0.0, 0.5, 1.0])  # shifted to zero from 0.5
+    assert len(PianoTaskRecords(toy_store([2, 2]), tok, [StrideMasking(2)], 3, 64)) == 0
 
 
 def test_augmentation_is_deterministic_and_keeps_notes_on_the_piano(tok, maestro_dir):
@@ -217,8 +250,22 @@ def test_next_token_windows(tok, maestro_dir):
     for i in range(0, len(recs), 997):
         first = tok.vocab[recs.example(i)["tokens"][2]]
         assert not first.startswith("NOTE_ON")
-    shifted = recs.example(5, np.random.default_rng(1), Augmentation(max_pitch_shift=3))
-    assert shifted["tokens"].shape == (256,)
+    # Pitch shift: the same window with every note moved by one shift s, |s| <= 3, per seed;
+    # every other token unchanged.
+    plain = [tok.vocab[i] for i in recs.example(5)["tokens"]]
+    note = lambda t: t.startswith(("NOTE_ON_", "NOTE_OFF_"))
+    seen = set()
+    for seed in range(8):
+        shifted = [tok.vocab[i] for i in recs.example(5, np.random.default_rng(seed),
+                                                      Augmentation(max_pitch_shift=3))["tokens"]]
+        shifts = {int(b.rsplit("_", 1)[1]) - int(a.rsplit("_", 1)[1])
+                  for a, b in zip(plain, shifted, strict=True) if note(a)}
+        assert len(shifts) == 1 and abs(next(iter(shifts))) <= 3, shifts
+        assert [a for a in plain if not note(a)] == [b for b in shifted if not note(b)]
+        assert [a.rsplit("_", 1)[0] for a in plain if note(a)] == \
+            [b.rsplit("_", 1)[0] for b in shifted if note(b)]
+        seen |= shifts
+    assert len(seen - {0}) >= 3  # really shifted, by several amounts
 
 
 def test_short_piece_gives_one_padded_next_token_record(tok):
