@@ -19,9 +19,9 @@ DEFAULT_MAESTRO = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def bench_tokenizer(maestro: Path) -> float:
-    from piano_gpt_jax.data.midi_io import read_midi
     from piano_gpt_jax.data.pipeline import DEFAULT_TOKENIZER_CONFIG
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music.midi import read_midi
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     tok = ExponentialTimeTokenizer.build(DEFAULT_TOKENIZER_CONFIG)
     frames = [read_midi(f) for f in sorted(maestro.glob("*.mid"))]

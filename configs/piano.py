@@ -104,10 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.context_size = 2048
     c.data.notes_per_record = 128
     c.data.eval_splits = "auto"  # "auto" = full_val + composer splits present, or a tuple of names
-    # PIANO-task prompt layout: "head" (piano-gpt HEAD: N_NOTES/MUSIC_TIME prefix, <EOGENAI>),
-    # "f37ac14" ([dataset, composer] + task tokens + source + <GENAI> + target, what reference
-    # f37ac14 checkpoints were trained on), or "auto": head for fresh runs, and for init_from
-    # whatever the checkpoint's vocabulary was made for.
+    # PIANO-task prompt layout (music/layouts.py): "annotated" (piano-gpt HEAD: N_NOTES and
+    # MUSIC_TIME tokens announce the answer, <EOGENAI> ends it), "plain" ([dataset, composer] +
+    # task tokens + source + <GENAI> + target, what reference f37ac14 checkpoints were trained
+    # on), or "auto": annotated for fresh runs, and for init_from whatever the checkpoint's
+    # vocabulary was made for. ("head" and "f37ac14" are the old names.)
     c.data.prompt_layout = "auto"
 
     c.dataset = ml_collections.ConfigDict()

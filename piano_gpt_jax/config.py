@@ -15,7 +15,8 @@ from typing import Any
 
 STAGES = ("next_token_pretraining", "piano_task")
 LOSS_MASKINGS = ("pretraining", "finetuning")
-PROMPT_LAYOUTS = ("auto", "head", "f37ac14")
+PROMPT_LAYOUTS = ("auto", "annotated", "plain", "head", "f37ac14")  # last two: old names
+LAYOUT_ALIASES = {"head": "annotated", "f37ac14": "plain"}  # = music.layouts.LAYOUT_ALIASES
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 DDP_BACKENDS = {"auto": "auto", "nccl": "auto", "gloo": "auto",
@@ -293,6 +294,8 @@ def build_train_config(cfg: Any) -> TrainConfig:
     _one_of("stage", v["stage"], STAGES)
     _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
     _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
+    v["data.prompt_layout"] = LAYOUT_ALIASES.get(v["data.prompt_layout"],
+                                                 v["data.prompt_layout"])
     _one_of("system.dtype", v["system.dtype"], DTYPES)
     _one_of("system.param_sharding", v["system.param_sharding"], ("none", "fsdp"))
     _one_of("model.attention", v["model.attention"], ("auto", "einsum", "xla", "cudnn"))

@@ -32,7 +32,7 @@ def test_full_recipe_and_tiny_preset_values():
     assert full.data_kwargs["prompt_layout"] == "auto"
     cfg = get_config("tiny")
     cfg.data.prompt_layout = "f37ac14"
-    assert build_train_config(cfg).data_settings().prompt_layout == "f37ac14"
+    assert build_train_config(cfg).data_settings().prompt_layout == "plain"  # old name
 
 
 def test_lr_decay_iters_follows_max_iters():

@@ -139,7 +139,7 @@ def piano_task_refusal(ck) -> str | None:
     """Why `ck` cannot answer PIANO-task prompts (None when it can): a model trained for next-token
     prediction never saw a task prompt or <GENAI>, so its "metrics" would be meaningless (and
     `generate --task` refuses it for the same reason)."""
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     stage = (ck.meta.config or {}).get("stage")
     if stage == "next_token_pretraining":

@@ -9,8 +9,9 @@ Without --task the model continues the prompt: `[dataset, composer] + ET(prompt)
 notes are placed after the prompt's last event. With --task (a PIANO task name such as
 top_line_masking-x1) the prompt notes are split by the task as in training, the prompt is
 `[dataset, composer, <N_NOTES_k>] + task tokens + [<MUSIC_TIME_a>, <MUSIC_TIME_b>] + ET(source)
-+ <GENAI>` (the head layout), or `[dataset, composer] + task tokens + ET(source) + <GENAI>` for a
-checkpoint whose vocabulary has no <MUSIC_TIME_*> tokens (the f37ac14 layout it was trained on),
++ <GENAI>` (the annotated layout), or `[dataset, composer] + task tokens + ET(source) + <GENAI>`
+for a checkpoint whose vocabulary has no <MUSIC_TIME_*> tokens (the plain layout, piano-gpt
+f37ac14's, it was trained on) — music/layouts.py builds both, for training and generation alike,
 and the generated notes share the prompt's clock (the task's answer is laid over the source); the
 removed target notes are written too, for comparison. Continuation prompts are the same in both
 layouts.
@@ -33,9 +34,7 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax import pianoroll, sampling
-
-DATASET_TOKEN_FALLBACK = "<PIANO_FOR_AI>"
-UNKNOWN_COMPOSER = "<UNKNOWN_COMPOSER>"
+from piano_gpt_jax.music import layouts, pieces
 
 
 class GenerateError(ValueError):
@@ -43,14 +42,9 @@ class GenerateError(ValueError):
 
 
 # ----------------------------------------------------------------------------------- prompts
-def _frame(notes: Any) -> pd.DataFrame:
-    df = pd.DataFrame({k: np.asarray(notes[k]) for k in ("pitch", "velocity", "start", "end")})
-    return df.sort_values("start", kind="stable").reset_index(drop=True)
-
-
-def crop_notes(notes: pd.DataFrame, seconds: float | None, max_notes: int | None) -> pd.DataFrame:
+def crop_notes(notes: Any, seconds: float | None, max_notes: int | None) -> pd.DataFrame:
     """The first notes (by start) within `seconds` and at most `max_notes`, shifted to t = 0."""
-    df = _frame(notes)
+    df = pieces.to_frame(notes)
     if seconds is not None:
         df = df[df["start"] - df["start"].min() < seconds] if len(df) else df
     if max_notes is not None:
@@ -61,58 +55,42 @@ def crop_notes(notes: pd.DataFrame, seconds: float | None, max_notes: int | None
     return df.reset_index(drop=True)
 
 
-def _token_ids(tokenizer, tokens: Sequence[str], what: str) -> np.ndarray:
-    missing = [t for t in tokens if t not in tokenizer.token_to_id]
-    if missing:
-        raise GenerateError(f"the checkpoint's vocabulary has no {missing} ({what}); this model "
-                            "was not trained with them")
-    return tokenizer.encode_tokens(list(tokens))
-
-
-def _optional_prefix(tokenizer, tokens: Sequence[str]) -> list[str]:
-    """Dataset/composer tokens when this vocabulary has them (reference-layout vocabularies)."""
-    return [t for t in tokens if t in tokenizer.token_to_id]
+def _in_vocab(tokenizer, token: str) -> str | None:
+    """A dataset/composer token if this vocabulary has it (every one we build does)."""
+    return token if token in tokenizer.token_to_id else None
 
 
 def continuation_prompt(tokenizer, notes: pd.DataFrame, dataset_token: str,
                         composer_token: str) -> np.ndarray:
-    head = _optional_prefix(tokenizer, [dataset_token, composer_token])
-    return np.concatenate([tokenizer.encode_tokens(head), tokenizer.encode(notes)]).astype(np.int32)
+    return layouts.continuation_prompt(tokenizer, notes, _in_vocab(tokenizer, dataset_token),
+                                       _in_vocab(tokenizer, composer_token))
 
 
 def prompt_layout_of(tokenizer) -> str:
     """The prompt layout a checkpoint's vocabulary was trained on; nothing is added to it here
     (a token without trained embeddings would only confuse the model), so an f37ac14-era
-    vocabulary always means the f37ac14 layout."""
-    from piano_gpt_jax.data.records import detect_prompt_layout
-
-    return detect_prompt_layout(tokenizer)
+    vocabulary always means the plain layout."""
+    return layouts.detect_prompt_layout(tokenizer)
 
 
 def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
                 composer_token: str, layout: str | None = None,
                 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
-    """(prompt ids ending in <GENAI>, source notes, target notes), laid out as in training;
-    `layout` None = detected from the vocabulary (prompt_layout_of)."""
-    from piano_gpt_jax.data.records import GENAI, music_time_token, n_notes_token
-
-    split = task.split({k: notes[k].to_numpy() for k in ("pitch", "velocity", "start", "end")})
-    source, target = _frame(split.source), _frame(split.target)
-    if len(target) == 0:
+    """(prompt ids ending in <GENAI>, source notes, target notes), built by the same
+    music/layouts.py builder as training records; `layout` None = detected from the vocabulary
+    (prompt_layout_of)."""
+    split = task.split(pieces.as_notes(notes))
+    if split.n_target_notes == 0:
         raise GenerateError(f"task {task.task_name} leaves no target notes in this prompt; use "
                             "more prompt notes or another task")
-    layout = layout or prompt_layout_of(tokenizer)
-    head = _optional_prefix(tokenizer, [dataset_token, composer_token])
-    if layout == "f37ac14":
-        head += [*split.prefix_tokens]
-    else:
-        head += [n_notes_token(len(target)), *split.prefix_tokens,
-                 music_time_token(float(target["start"].min())),
-                 music_time_token(float(target["start"].max()))]
-    ids = np.concatenate([_token_ids(tokenizer, head, f"task {task.task_name} prompt tokens"),
-                          tokenizer.encode(source),
-                          _token_ids(tokenizer, [GENAI], "the generation marker")])
-    return ids.astype(np.int32), source, target
+    try:
+        ids = layouts.task_prompt(tokenizer, layout or prompt_layout_of(tokenizer), split,
+                                  _in_vocab(tokenizer, dataset_token),
+                                  _in_vocab(tokenizer, composer_token))
+    except layouts.MissingTokens as e:
+        raise GenerateError(f"task {task.task_name}: the checkpoint's vocabulary has no "
+                            f"{e.missing}; this model was not trained with them") from None
+    return ids, pieces.to_frame(split.source), pieces.to_frame(split.target)
 
 
 def fit_prompt(build, notes: pd.DataFrame, context_size: int, explicit: bool):
@@ -148,7 +126,7 @@ def fit_prompt(build, notes: pd.DataFrame, context_size: int, explicit: bool):
 
 
 def resolve_task(name: str):
-    from piano_gpt_jax.tasks import resolve_tasks
+    from piano_gpt_jax.music.tasks import resolve_tasks
 
     try:
         tasks = resolve_tasks(name)
@@ -169,17 +147,15 @@ def trained_notes_per_record(meta) -> int | None:
 
 def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
     """(notes, description, dataset token, composer token) of --prompt-midi / --prompt-dataset."""
-    from piano_gpt_jax.data import pieces
-
     if args.prompt_midi:
-        from piano_gpt_jax.data.midi_io import MidiReadError, read_midi
+        from piano_gpt_jax.music.midi import MidiReadError, read_midi
 
         try:
             notes = read_midi(args.prompt_midi)
         except MidiReadError as e:
             raise GenerateError(str(e)) from None
-        composer = args.composer_token or UNKNOWN_COMPOSER
-        return notes, str(args.prompt_midi), DATASET_TOKEN_FALLBACK, composer
+        composer = args.composer_token or layouts.UNKNOWN_COMPOSER_TOKEN
+        return notes, str(args.prompt_midi), layouts.FALLBACK_DATASET_TOKEN, composer
     split, _, index = args.prompt_dataset.partition(":")
     if not split or not index.lstrip("-").isdigit():
         raise GenerateError(f"--prompt-dataset must be SPLIT:INDEX such as validation:3, got "
@@ -201,9 +177,9 @@ def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
     record = dd[split][i]
     notes = pieces.notes_from_record(record)
     source = record.get("source")
-    composer = args.composer_token or pieces.composer_token(source)
+    composer = args.composer_token or layouts.composer_token(source)
     return (pd.DataFrame({k: notes[k] for k in ("pitch", "velocity", "start", "end")}),
-            f"{name} {split}[{i}]", pieces.dataset_token(source), composer)
+            f"{name} {split}[{i}]", layouts.dataset_token(source), composer)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -254,8 +230,8 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     """Everything but printing; `sampler(ck, prompts, settings, tables)` and `load_checkpoint`
     are swappable so the PyTorch twin can reuse the prompt and output handling."""
     from piano_gpt_jax.checkpoints import load_any_checkpoint
-    from piano_gpt_jax.data.midi_io import write_midi
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music.midi import write_midi
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     if args.num_samples < 1:
         raise GenerateError("--num-samples must be at least 1")

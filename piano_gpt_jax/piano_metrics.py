@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from scipy.stats import wasserstein_distance
+
+from piano_gpt_jax.music.pieces import Notes, as_notes, n_notes
 
 F1_PROBE_TIME_UNIT = 0.01  # the reference never forwards F1Metric.min_time_unit; 0.01 is what runs
 SCORE_KEYS = ("correlation", "taxicab_distance", "wasserstein")
@@ -32,38 +32,6 @@ F1_KEYS = ("weighted_f1", "weighted_recall", "weighted_precision")
 
 # --------------------------------------------------------------------------------------------------
 # Inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class Notes:
-    """Plain float arrays of one note list (pitch, velocity, start, end) in row order."""
-
-    pitch: np.ndarray
-    velocity: np.ndarray
-    start: np.ndarray
-    end: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.pitch.shape[0])
-
-    @property
-    def duration(self) -> np.ndarray:
-        return self.end - self.start
-
-
-def as_notes(notes: pd.DataFrame | Mapping[str, Any] | Notes | None) -> Notes:
-    """Accept a DataFrame (possibly with no columns, as decode returns for no notes) or a dict."""
-    if isinstance(notes, Notes):
-        return notes
-    if notes is None or (isinstance(notes, pd.DataFrame) and len(notes) == 0):
-        empty = np.zeros(0, np.float64)
-        return Notes(empty, empty, empty, empty)
-    cols = {}
-    for name in ("pitch", "velocity", "start", "end"):
-        if name not in notes:
-            raise ValueError(f"notes need a {name!r} column (pitch, velocity, start, end, seconds)")
-        cols[name] = np.asarray(notes[name], dtype=np.float64).reshape(-1)
-    return Notes(**cols)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,9 +75,9 @@ def pitch_distribution(notes, use_weighted: bool = True) -> np.ndarray:
     """88 bins for MIDI 21..108; weight duration * velocity / 127 (or counts). Sums to 1 or is 0."""
     n = as_notes(notes)
     hist = np.zeros(88, np.float64)
-    ok = (n.pitch >= 21) & (n.pitch <= 108)
-    idx = (n.pitch[ok] - 21).astype(np.int64)
-    w = n.duration[ok] * n.velocity[ok] / 127.0 if use_weighted else np.ones(idx.shape[0])
+    ok = (n["pitch"] >= 21) & (n["pitch"] <= 108)
+    idx = (n["pitch"][ok] - 21).astype(np.int64)
+    w = n["duration"][ok] * n["velocity"][ok] / 127.0 if use_weighted else np.ones(idx.shape[0])
     np.add.at(hist, idx, w)
     return _normalize(hist)
 
@@ -118,9 +86,9 @@ def velocity_distribution(notes, use_weighted: bool = True) -> np.ndarray:
     """128 bins indexed by int(velocity); weight duration (or counts). Sums to 1 or is 0."""
     n = as_notes(notes)
     hist = np.zeros(128, np.float64)
-    idx = n.velocity.astype(np.int64)
+    idx = n["velocity"].astype(np.int64)
     ok = (idx >= 0) & (idx < 128)
-    w = n.duration[ok] if use_weighted else np.ones(int(ok.sum()))
+    w = n["duration"][ok] if use_weighted else np.ones(int(ok.sum()))
     np.add.at(hist, idx[ok], w)
     return _normalize(hist)
 
@@ -128,14 +96,14 @@ def velocity_distribution(notes, use_weighted: bool = True) -> np.ndarray:
 def dstart_distribution(notes, n_bins: int = 50) -> np.ndarray:
     """Histogram of start-to-next-start gaps (row order) over [0, 2] s with n_bins - 1 bins."""
     n = as_notes(notes)
-    counts, _ = np.histogram(np.diff(n.start), bins=np.linspace(0.0, 2.0, n_bins))
+    counts, _ = np.histogram(np.diff(n["start"]), bins=np.linspace(0.0, 2.0, n_bins))
     return _normalize(counts.astype(np.float64))
 
 
 def duration_distribution(notes, n_bins: int = 50) -> np.ndarray:
     """Histogram of note durations over [0, 5] s with n_bins - 1 bins (longer notes dropped)."""
     n = as_notes(notes)
-    counts, _ = np.histogram(n.duration, bins=np.linspace(0.0, 5.0, n_bins))
+    counts, _ = np.histogram(n["duration"], bins=np.linspace(0.0, 5.0, n_bins))
     return _normalize(counts.astype(np.float64))
 
 
@@ -184,17 +152,17 @@ def key_distribution(notes, segment_duration: float = 0.125,
                      use_weighted: bool = True) -> tuple[np.ndarray, int]:
     """(24-vector summing to 1, number of segments); all zeros and 0 segments for no notes."""
     n = as_notes(notes)
-    if len(n) == 0:
+    if n_notes(n) == 0:
         return np.zeros(24, np.float64), 0
     total = np.zeros(24, np.float64)
-    seg_starts = np.arange(0.0, float(n.end.max()), segment_duration)
-    pcs = n.pitch.astype(np.int64) % 12
+    seg_starts = np.arange(0.0, float(n["end"].max()), segment_duration)
+    pcs = n["pitch"].astype(np.int64) % 12
     for t in seg_starts:
         t_end = t + segment_duration
-        inside = (n.start < t_end) & (n.end > t)
+        inside = (n["start"] < t_end) & (n["end"] > t)
         if use_weighted:
-            overlap = np.minimum(n.end[inside], t_end) - np.maximum(n.start[inside], t)
-            w = overlap * n.velocity[inside] / 127.0
+            overlap = np.minimum(n["end"][inside], t_end) - np.maximum(n["start"][inside], t)
+            w = overlap * n["velocity"][inside] / 127.0
         else:
             w = np.ones(int(inside.sum()))
         w_sum = w.sum()
@@ -211,8 +179,8 @@ def key_distribution(notes, segment_duration: float = 0.125,
 
 
 def _active_set(n: Notes, probe: float) -> set:
-    on = (n.start <= probe) & (probe <= n.end)
-    return {(int(p), v.item()) for p, v in zip(n.pitch[on], n.velocity[on], strict=True)}
+    on = (n["start"] <= probe) & (probe <= n["end"])
+    return {(int(p), v.item()) for p, v in zip(n["pitch"][on], n["velocity"][on], strict=True)}
 
 
 def f1_scores(target, generated, use_pitch_class: bool = True,
@@ -223,7 +191,8 @@ def f1_scores(target, generated, use_pitch_class: bool = True,
     (the reference returns a tuple and crashes there).
     """
     t_notes, g_notes = as_notes(target), as_notes(generated)
-    grid = np.unique(np.concatenate([t_notes.start, t_notes.end, g_notes.start, g_notes.end]))
+    grid = np.unique(np.concatenate([t_notes["start"], t_notes["end"], g_notes["start"],
+                                     g_notes["end"]]))
     seg = {"time_points": [], "precision": [], "recall": [], "f1": [], "durations": []}
     for t0, t1 in zip(grid[:-1], grid[1:], strict=True):
         probe = t0 + F1_PROBE_TIME_UNIT / 2

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from piano_gpt_jax import piano_metrics as pm
-from piano_gpt_jax.data import midi_io
+from piano_gpt_jax.music import midi
 
 H = math.sqrt(2 / 15)
 
@@ -172,7 +172,7 @@ def test_empty_and_single_note_inputs():
 
 def test_identical_real_music_scores_perfectly(maestro_dir):
     path = sorted(maestro_dir.glob("*.mid"))[0]
-    df = midi_io.read_midi(path)
+    df = midi.read_midi(path)
     df = df[df.start < 20.0].reset_index(drop=True)
     m = pm.MetricsManager.load_default()
     assert m.list_metrics() == ["confusion metrics", "key distribution", "dstart distribution",

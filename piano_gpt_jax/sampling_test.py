@@ -11,7 +11,7 @@ import pytest
 
 from piano_gpt_jax import sampling
 from piano_gpt_jax.model import ModelConfig, forward, init_params
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 CTX = 32
 
@@ -26,7 +26,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer, maestro_dir):
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     df = read_midi(sorted(maestro_dir.glob("*.mid"))[1])
     genai = tokenizer.token_to_id["<GENAI>"]

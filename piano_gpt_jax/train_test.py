@@ -89,13 +89,13 @@ def test_a_checkpoint_vocabulary_without_room_for_the_prompt_layout_stops(tmp_pa
 
     from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
     from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
-    from piano_gpt_jax.data import pieces
     from piano_gpt_jax.model import ModelConfig, init_params
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music import layouts
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     tok = ExponentialTimeTokenizer.build({"time_unit": 0.01, "max_time_step": 1.0,
                                           "n_velocity_bins": 32, "n_special_ids": 1024})
-    tok.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS, "<GENAI>"])
+    tok.add_special_tokens([*layouts.DATASET_TOKENS, *layouts.COMPOSER_TOKENS, "<GENAI>"])
     model = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16,
                         context_size=64)
     pt = save_torch_checkpoint(tmp_path / "f37ac14.pt", CheckpointRecord(
@@ -105,8 +105,8 @@ def test_a_checkpoint_vocabulary_without_room_for_the_prompt_layout_stops(tmp_pa
                               "model": {"context_size": 64}, "data": {
                                   "context_size": 64, "prompt_layout": "head"},
                               "dataset": {"base_dataset_name": str(tmp_path / "no-data")}})
-    with pytest.raises(trainer.UsageError, match=r"vocab_size 1241, n_special_ids 1024\) has "
-                                                 r"\d+ free special-token slots.*'head' prompt "
-                                                 r"layout.*data.prompt_layout='f37ac14'"):
+    with pytest.raises(trainer.UsageError,
+                       match=r"vocab_size 1241, n_special_ids 1024\) has \d+ free special-token "
+                             r"slots.*'annotated' prompt layout.*data.prompt_layout='plain'"):
         trainer.train(cfg)
     assert not out.exists()

@@ -23,11 +23,11 @@ from converters.testing import losses_by_hand
 from piano_gpt_jax import evaluate, generate
 from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
 from piano_gpt_jax.config import build_train_config
-from piano_gpt_jax.data import pieces
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.model import ModelConfig, init_params
-from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.music import layouts
+from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = "('high_notes_masking-x5','top_line_masking-x1')"
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow  # the module's `tuned` run is a `python -m piano_
 def f37ac14_pt(tmp_path_factory) -> Path:
     tok = ExponentialTimeTokenizer.build({"time_unit": 0.01, "max_time_step": 1.0,
                                           "n_velocity_bins": 32, "n_special_ids": 1024})
-    tok.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS])
+    tok.add_special_tokens([*layouts.DATASET_TOKENS, *layouts.COMPOSER_TOKENS])
     tok.add_special_tokens(task_special_tokens(resolve_tasks("piano_default")) + ["<GENAI>"])
     assert tok.vocab_size == 1241 and "<MUSIC_TIME_0>" not in tok.token_to_id
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
@@ -79,7 +79,7 @@ def tuned(f37ac14_pt, dataset, tmp_path_factory) -> tuple[Path, str]:
 
 def test_finetune_keeps_the_f37ac14_vocabulary(f37ac14_pt, tuned):
     out, log = tuned
-    assert "vocab 1241" in log and "prompt layout f37ac14" in log
+    assert "vocab 1241" in log and "prompt layout plain" in log
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     assert [e["step"] for e in train] == [1, 2, 3]
@@ -115,7 +115,7 @@ def test_generate_and_evaluate_use_the_f37ac14_prompt(tuned, dataset, maestro_di
         ["--checkpoint", str(out / "final.pt"), "--out", str(out / "gen"), "--prompt-midi",
          str(midi), "--prompt-notes", "24", "--task", "high_notes_masking-x5",
          "--temperature", "0", "--max-new-tokens", "24"]))
-    assert summary["prompt_layout"] == "f37ac14" and summary["target_notes"] == 5
+    assert summary["prompt_layout"] == "plain" and summary["target_notes"] == 5
     ids = json.loads(Path(summary["files"]["ids"]).read_text())["prompt_ids"]
     vocab = load_torch_checkpoint(out / "final.pt").tokenizer_desc["parameters"]["lexicon"]
     tokens = [vocab["vocab"][i] for i in ids]
@@ -129,4 +129,4 @@ def test_generate_and_evaluate_use_the_f37ac14_prompt(tuned, dataset, maestro_di
                           "--split", "full_val", "--n-examples", "2",
                           "--out-dir", str(out / "eval")]) == 0
     printed = capsys.readouterr().out
-    assert "f37ac14 prompt layout" in printed and "== full_val ==" in printed
+    assert "plain prompt layout" in printed and "== full_val ==" in printed

@@ -21,9 +21,9 @@ from converters import save_torch_checkpoint
 from converters import torch_generate as tg
 from piano_gpt_jax import evaluate, generate, piano_metrics, sampling
 from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, save_model_checkpoint
-from piano_gpt_jax.data.midi_io import read_midi
 from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
 from piano_gpt_jax.model import ModelConfig, init_params
+from piano_gpt_jax.music.midi import read_midi
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.data import import_midi
-from piano_gpt_jax.data.midi_io import read_midi
 from piano_gpt_jax.data.sources import load_piano_dataset
+from piano_gpt_jax.music.midi import read_midi
 
 MAESTRO_NOTES = 101_901  # all ten files, after sustain; zero-length and out-of-range notes dropped
 

@@ -24,7 +24,7 @@ from converters.torch_model import TorchGPT, masked_cross_entropy
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -322,7 +322,7 @@ def export(dataset: Path, out: Path, time_embedding: bool) -> Path:
                      "use_time_embedding": time_embedding},
            "system": {"device": "cpu", "dtype": "float32", "data_workers": 0},
            "data": {"batch_size": 2, "context_size": 96, "notes_per_record": 16,
-                    "prompt_layout": "head" if time_embedding else "f37ac14"},
+                    "prompt_layout": "annotated" if time_embedding else "plain"},
            "tasks": "piano_medium", "dataset": {"base_dataset_name": str(dataset)},
            "optimizer": {"max_iters": 2}, "lr": {"warmup_iters": 1},
            "eval_interval": 2, "eval_iters": 1}
@@ -374,7 +374,7 @@ def test_run_config_holds_both_vocabularies(exports):
     ours = run_cfg.piano_gpt_jax
     assert ours.stage == "piano_task" and ours.tasks == "piano_medium"
     assert ours.model.use_time_embedding is True and ours.data.notes_per_record == 16
-    assert run_cfg.stage == "piano_task" and run_cfg.data.prompt_layout == "head"
+    assert run_cfg.stage == "piano_task" and run_cfg.data.prompt_layout == "annotated"
     plain = torch.load(exports["f37ac14"], weights_only=False)["run_config"]
     assert plain.tasks[0] == {"class": "BottomLineMasking", "params": {"n_repetitions": 1}}
     assert "max_notes_per_record" not in plain.training

@@ -100,7 +100,7 @@ def fluidsynth_available() -> bool:
 
 def render_fluidsynth(notes: Any, scratch: Path, sample_rate: int = SAMPLE_RATE) -> bytes:
     """WAV bytes from FluidSynth; `scratch` is a directory the caller owns and removes."""
-    from piano_gpt_jax.data.midi_io import write_midi
+    from piano_gpt_jax.music.midi import write_midi
 
     soundfont = find_soundfont()
     if soundfont is None or shutil.which("fluidsynth") is None:

@@ -30,7 +30,7 @@ def app_env(runs_root, tmp_path, monkeypatch) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def arpeggio_midi(tmp_path_factory) -> Path:
     """The tiny model's training arpeggio as a MIDI file: a prompt it continues with notes."""
-    from piano_gpt_jax.data.midi_io import write_midi
+    from piano_gpt_jax.music.midi import write_midi
 
     return write_midi(testing_support.arpeggio_notes(16),
                       tmp_path_factory.mktemp("midi") / "arpeggio.mid")
@@ -44,7 +44,7 @@ def small_dataset(tmp_path_factory, maestro_dir) -> Path:
 
     import datasets
 
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     rows = []
     composers = ["Frédéric Chopin", "Johann Sebastian Bach", "Franz Liszt", "Frédéric Chopin"]

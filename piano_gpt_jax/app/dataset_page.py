@@ -93,7 +93,7 @@ def _run_choice(cfg: AppSettings) -> tuple[int, int, Any, str]:
     n_notes = dataset_view.DEFAULT_NOTES_PER_RECORD
     tokenizer = state.default_tokenizer()
     if choice != DEFAULTS_LABEL:
-        from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+        from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
         run = runs.load_run(found[labels.index(choice) - 1])
         context = int(runs.config_value(run.config, "data.context_size")

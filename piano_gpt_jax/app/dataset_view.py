@@ -11,7 +11,7 @@ import pandas as pd
 
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.prompts import frame
-from piano_gpt_jax.data import pieces
+from piano_gpt_jax.music import layouts, pieces
 
 DEFAULT_CONTEXT_SIZE = 2048  # the reference recipe's
 DEFAULT_NOTES_PER_RECORD = 128
@@ -50,7 +50,7 @@ def piece_table(split: Any) -> pd.DataFrame:
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if b > a:
             duration[i] = float(flat[a:b].max() - starts_flat[a:b].min())
-    sources = [pieces.parse_source(s) for s in table.column("source").to_pylist()]
+    sources = [layouts.parse_source(s) for s in table.column("source").to_pylist()]
     return pd.DataFrame({
         "composer": [str(s.get("composer") or "?") for s in sources],
         "title": [str(s.get("title") or "?") for s in sources],
@@ -68,7 +68,7 @@ def piece(split: Any, index: int) -> tuple[pd.DataFrame, dict]:
         notes = pieces.notes_from_record(record)
     except ValueError as e:
         raise AppError(f"piece {index} cannot be read: {e}") from None
-    return frame(notes), pieces.parse_source(record.get("source"))
+    return frame(notes), layouts.parse_source(record.get("source"))
 
 
 def histograms(notes: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -92,7 +92,7 @@ def histograms(notes: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def default_tokenizer() -> Any:
-    """A fresh vocabulary with every default task's tokens, head layout: what a new run gets."""
+    """A fresh vocabulary with every default task's tokens, annotated layout: a new run's."""
     from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer
 
     return build_tokenizer(DataSettings(stage="piano_task", tasks="piano_default",
@@ -104,7 +104,7 @@ class TaskView:
     source: pd.DataFrame
     target: pd.DataFrame
     prompt_tokens: int  # head + task tokens + source + <GENAI>
-    target_tokens: int  # target + <EOGENAI> (head layout)
+    target_tokens: int  # target + <EOGENAI> (annotated layout)
     context_size: int
 
     @property
@@ -130,10 +130,10 @@ def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_n
     layout = prompt_layout_of(tokenizer)
     try:
         task = resolve_task(task_name)
-        ids, src, tgt = task_prompt(tokenizer, task, window, pieces.dataset_token(source),
-                                    pieces.composer_token(source), layout)
+        ids, src, tgt = task_prompt(tokenizer, task, window, layouts.dataset_token(source),
+                                    layouts.composer_token(source), layout)
     except GenerateError as e:
         raise AppError(str(e)) from None
-    end = 1 if layout == "head" and "<EOGENAI>" in tokenizer.token_to_id else 0
+    end = 1 if layout == "annotated" and "<EOGENAI>" in tokenizer.token_to_id else 0
     return TaskView(frame(src), frame(tgt), int(len(ids)), int(len(tokenizer.encode(tgt))) + end,
                     int(context_size))

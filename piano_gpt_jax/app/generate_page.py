@@ -16,7 +16,7 @@ from piano_gpt_jax.app import audio, generation, models, prompts, rolls, state
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.generation import CONTINUATION, Request
 from piano_gpt_jax.app.settings import AppSettings
-from piano_gpt_jax.data import pieces
+from piano_gpt_jax.music import layouts
 
 RESULT_KEY = "gen_result"
 PROMPT_SOURCES = ("MIDI upload", "dataset piece", "empty")
@@ -144,10 +144,10 @@ def request_controls(model: models.LoadedModel, prompt: prompts.Prompt | None) -
         help=f"'continuation' goes on after the prompt; a PIANO task removes notes from the "
              f"prompt and asks for them back. This model knows {len(supported)} of "
              f"{len(names) - 1} tasks.")
-    dataset_tokens = list(pieces.DATASET_TOKENS)
-    composer_tokens = list(pieces.COMPOSER_TOKENS)
-    d_default = prompt.dataset_token if prompt else pieces.FALLBACK_DATASET_TOKEN
-    c_default = prompt.composer_token if prompt else pieces.UNKNOWN_COMPOSER_TOKEN
+    dataset_tokens = list(layouts.DATASET_TOKENS)
+    composer_tokens = list(layouts.COMPOSER_TOKENS)
+    d_default = prompt.dataset_token if prompt else layouts.FALLBACK_DATASET_TOKEN
+    c_default = prompt.composer_token if prompt else layouts.UNKNOWN_COMPOSER_TOKEN
     dataset_token = c2.selectbox("Dataset token", dataset_tokens,
                                  index=dataset_tokens.index(d_default))
     composer_token = c3.selectbox("Composer token", composer_tokens,

@@ -59,7 +59,7 @@ def test_generation_shows_notes_pianoroll_and_audio(app_env, arpeggio_midi, monk
     k = n_notes.index(max(n_notes))
     with wave.open(io.BytesIO((out / f"combined_{k}.wav").read_bytes())) as w:
         seconds = w.getnframes() / w.getframerate()
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     music_end = read_midi(out / f"combined_{k}.mid")["end"].max()
     builtin = any("built-in synthesizer" in c.value for c in at.caption)

@@ -67,7 +67,7 @@ class Generation:
 
 def task_names() -> list[str]:
     """Every task of the reference's default set, in its order."""
-    from piano_gpt_jax.tasks import resolve_tasks
+    from piano_gpt_jax.music.tasks import resolve_tasks
 
     return [t.task_name for t in resolve_tasks("piano_default")]
 
@@ -156,7 +156,7 @@ def combined(gen: Generation, k: int) -> pd.DataFrame:
 def write_outputs(gen: Generation, directory: Path, checkpoint: str) -> dict[str, Path]:
     """prompt.mid, target.mid, generation_<k>.mid, combined_<k>.mid and tokens.json (prompt and
     new token ids, settings) into `directory`, which the caller created fresh."""
-    from piano_gpt_jax.data.midi_io import write_midi
+    from piano_gpt_jax.music.midi import write_midi
 
     files = {"prompt": write_midi(gen.prompt, directory / "prompt.mid")}
     if gen.target is not None:

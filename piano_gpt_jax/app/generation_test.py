@@ -11,7 +11,7 @@ from piano_gpt_jax.app import generation, models, prompts
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.settings import AppSettings
 from piano_gpt_jax.app.testing_support import arpeggio_notes, make_tiny_run
-from piano_gpt_jax.data.midi_io import read_midi
+from piano_gpt_jax.music.midi import read_midi
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ class LoadedModel:
     params: Any
     tokenizer: Any  # ExponentialTimeTokenizer
     tables: Any  # sampling.TokenTables
-    layout: str  # "head" or "f37ac14": how PIANO-task prompts are laid out for this vocabulary
+    layout: str  # "annotated" or "plain" (music/layouts.py): this vocabulary's task prompts
     step: int | None
 
     def has_tokens(self, tokens: list[str] | tuple[str, ...]) -> bool:
@@ -61,7 +61,7 @@ def load_model(path: str | Path) -> LoadedModel:
     """Everything sampling needs from a run directory or a `.pt`; raises AppError."""
     from piano_gpt_jax import generate, sampling
     from piano_gpt_jax.checkpoints import load_any_checkpoint
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     path = Path(str(path).strip()).expanduser()
     if not str(path) or not path.exists():

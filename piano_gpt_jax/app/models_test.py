@@ -15,7 +15,7 @@ def test_list_and_load(runs_root, tmp_path):
     assert models.list_checkpoints(runs_root) == [runs_root / "tiny"]
     assert models.list_checkpoints(tmp_path / "missing") == []
     m = models.load_model(runs_root / "tiny")
-    assert m.layout == "head" and m.model_config.n_layer == 2 and "context 96" in m.summary
+    assert m.layout == "annotated" and m.model_config.n_layer == 2 and "context 96" in m.summary
     assert m.has_tokens(["<GENAI>", "<PARAMETRIC_HIGH_NOTES>"])
     assert models.cache_key(runs_root / "tiny")[1] > 0
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax.app.errors import AppError
-from piano_gpt_jax.data import pieces
+from piano_gpt_jax.music import layouts, pieces
 
 COLUMNS = ("pitch", "velocity", "start", "end")
 SLICE_MODES = ("notes", "seconds")
@@ -21,8 +21,8 @@ SLICE_MODES = ("notes", "seconds")
 class Prompt:
     notes: pd.DataFrame  # pitch, velocity, start, end; sorted by start, first note at t = 0
     description: str
-    dataset_token: str = pieces.FALLBACK_DATASET_TOKEN
-    composer_token: str = pieces.UNKNOWN_COMPOSER_TOKEN
+    dataset_token: str = layouts.FALLBACK_DATASET_TOKEN
+    composer_token: str = layouts.UNKNOWN_COMPOSER_TOKEN
 
 
 def frame(notes: Any) -> pd.DataFrame:
@@ -41,7 +41,7 @@ def empty_prompt() -> Prompt:
 def read_upload(data: bytes, name: str, scratch: Path) -> pd.DataFrame:
     """Notes of an uploaded MIDI file. The bytes are written into the app's own scratch directory
     because the MIDI reader needs a path; the user's file is never touched."""
-    from piano_gpt_jax.data.midi_io import MidiReadError, read_midi
+    from piano_gpt_jax.music.midi import MidiReadError, read_midi
 
     if not data:
         raise AppError(f"the uploaded file {name!r} is empty; upload a .mid/.midi file")
@@ -65,8 +65,8 @@ def prompt_from_record(record: Any, description: str) -> Prompt:
     except ValueError as e:
         raise AppError(f"{description}: {e}") from None
     source = record.get("source") if hasattr(record, "get") else None
-    return Prompt(frame(notes), description, pieces.dataset_token(source),
-                  pieces.composer_token(source))
+    return Prompt(frame(notes), description, layouts.dataset_token(source),
+                  layouts.composer_token(source))
 
 
 def slice_notes(notes: pd.DataFrame, mode: str, first: float, last: float) -> pd.DataFrame:

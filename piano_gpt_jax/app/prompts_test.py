@@ -19,7 +19,7 @@ def test_read_upload_real_corrupt_and_empty(tmp_path, maestro_dir):
         prompts.read_upload(b"MThd this is not midi at all" * 10, "broken.mid", tmp_path)
     with pytest.raises(AppError, match="is empty"):
         prompts.read_upload(b"", "empty.mid", tmp_path)
-    from piano_gpt_jax.data.midi_io import write_midi
+    from piano_gpt_jax.music.midi import write_midi
 
     no_notes = write_midi(arpeggio_notes(0), tmp_path / "silent.mid")
     with pytest.raises(AppError, match="holds no piano notes"):

@@ -24,7 +24,8 @@ from typing import Any
 from piano_gpt_jax import config as config_lib
 from piano_gpt_jax.checkpoints.record import CheckpointError, RunMeta
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.tasks import PianoTask, resolve_tasks
+from piano_gpt_jax.music.layouts import ANNOTATED, PLAIN, check_prompt_layout
+from piano_gpt_jax.music.tasks import PianoTask, resolve_tasks
 
 OUR_KEY = "piano_gpt_jax"
 TOKENIZER_CLASS = "ExponentialTimeTokenizer"
@@ -183,7 +184,8 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
     """Every key piano-gpt's tools read, in its schema, from our (complete) config."""
     c = config_lib.flatten(ours)
     stage = c["stage"]
-    layout = meta.prompt_layout or ("head" if model_cfg_has_time(ours) else "f37ac14")
+    layout = check_prompt_layout(meta.prompt_layout or (
+        ANNOTATED if model_cfg_has_time(ours) else PLAIN))
     gas = int(c["optimizer.gradient_accumulation_steps"])
     n_devices = max(int(meta.n_devices or 1), 1)
     micro = int(c["data.batch_size"])
@@ -195,7 +197,7 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
         "microbatch_size": max(micro // n_devices, 1),  # per device
         "gradient_accumulation_steps": gas,
     }
-    if stage == "piano_task" and layout == "head":
+    if stage == "piano_task" and layout == ANNOTATED:
         n = int(c["data.notes_per_record"])
         training.update(min_n_task_notes=max(min(HEAD_MIN_N_TASK_NOTES, n - 2), 0),
                         min_notes_per_record=n, max_notes_per_record=n)
@@ -243,7 +245,7 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
         "lr": lr,
         "optimizer": {k: c[f"optimizer.{k}"] for k in
                       ("weight_decay", "max_iters", "beta1", "beta2", "grad_clip")},
-        "tasks": task_list(resolve_tasks(_task_spec(c["tasks"])), head=layout == "head"),
+        "tasks": task_list(resolve_tasks(_task_spec(c["tasks"])), head=layout == ANNOTATED),
     }
 
 
@@ -267,7 +269,7 @@ def _tokenizer_config(c: Mapping, tokenizer_desc: Mapping | None) -> dict:
 
 def task_list(tasks: Sequence[PianoTask], head: bool) -> list[dict]:
     """The task list of piano-gpt's `tasks` config, for `PianoTaskManager(tasks_config=...)`:
-    one `{class, params}` entry per task (f37ac14 files), or for head-layout runs HEAD's form,
+    one `{class, params}` entry per task (f37ac14 files), or for annotated-layout runs HEAD's form,
     `{class, param_range: [params...]}` per run of one class (`params` for a single task)."""
     entries = [(type(t).__name__, {t.class_param: int(t.param)}) for t in tasks]
     if not head:

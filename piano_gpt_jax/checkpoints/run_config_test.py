@@ -15,7 +15,7 @@ from piano_gpt_jax.checkpoints.run_config import (
 )
 from piano_gpt_jax.config import build_train_config, complete
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.tasks import resolve_tasks
+from piano_gpt_jax.music.tasks import resolve_tasks
 
 MODEL = ModelConfig(vocab_size=2265, n_layer=2, n_head=2, n_embd=32, context_size=96)
 

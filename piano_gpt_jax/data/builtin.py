@@ -43,14 +43,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from piano_gpt_jax.data.midi_io import piecewise_time_map
-from piano_gpt_jax.data.pieces import PITCH_MAX, PITCH_MIN, clean_notes
 from piano_gpt_jax.data.sources import (
     SPLITS,
     default_cache_root,
     make_piano_dataset,
     save_atomically,
 )
+from piano_gpt_jax.music.midi import piecewise_time_map
+from piano_gpt_jax.music.pieces import PITCH_MAX, PITCH_MIN, clean_notes
 
 BUILTIN_VERSION = "builtin-v1"
 DATASET_NAME = "music21-corpus"

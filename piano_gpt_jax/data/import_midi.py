@@ -24,14 +24,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from piano_gpt_jax.data.midi_io import MidiReadError, read_midi_contents
-from piano_gpt_jax.data.pieces import composer_key
 from piano_gpt_jax.data.sources import (
     SPLITS,
     list_midi_files,
     make_piano_dataset,
     save_atomically,
 )
+from piano_gpt_jax.music.layouts import composer_key
+from piano_gpt_jax.music.midi import MidiReadError, read_midi_contents
 
 DATASET_NAME = "midi-folder"
 COMPOSER_FULL_NAMES = {

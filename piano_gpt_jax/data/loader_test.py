@@ -5,21 +5,17 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.data import loader
-from piano_gpt_jax.data.records import (
-    Augmentation,
-    PianoTaskRecords,
-    PieceStore,
-    music_special_tokens,
-)
-from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.data.records import Augmentation, PianoTaskRecords, PieceStore
+from piano_gpt_jax.music.layouts import music_special_tokens
+from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 CONFIG = {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048}
 
 
 @pytest.fixture(scope="module")
 def records(maestro_dir):
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     df = read_midi(sorted(maestro_dir.glob("*.mid"))[0])
     src = json.dumps({"composer": "Johann Sebastian Bach", "dataset": "maestro"})

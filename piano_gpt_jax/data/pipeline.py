@@ -15,20 +15,19 @@ from typing import Any
 import jax
 import numpy as np
 
-from piano_gpt_jax.data import loader, pieces
-from piano_gpt_jax.data.records import (
+from piano_gpt_jax.data import loader
+from piano_gpt_jax.data.records import Augmentation, NextTokenRecords, PianoTaskRecords, PieceStore
+from piano_gpt_jax.music import layouts
+from piano_gpt_jax.music.layouts import (
+    ANNOTATED,
     EOGENAI,
     GENAI,
-    PROMPT_LAYOUTS,
-    Augmentation,
-    NextTokenRecords,
-    PianoTaskRecords,
-    PieceStore,
+    check_prompt_layout,
     detect_prompt_layout,
     layout_prefix_tokens,
 )
-from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 DEFAULT_TOKENIZER_CONFIG = {
     "time_unit": 0.01,
@@ -60,7 +59,7 @@ class DataSettings:
     use_time_steps: bool = False
     tokenizer_config: dict = field(default_factory=lambda: dict(DEFAULT_TOKENIZER_CONFIG))
     eval_splits: Any = "auto"
-    prompt_layout: str = "auto"  # "auto" | "head" | "f37ac14" (see resolve_prompt_layout)
+    prompt_layout: str = "auto"  # "auto" | "annotated" | "plain" (see resolve_prompt_layout)
     shard_index: int = field(default_factory=jax.process_index)
     shard_count: int = field(default_factory=jax.process_count)
 
@@ -71,11 +70,11 @@ class DataSettings:
             raise ValueError(
                 f"loss_masking must be 'pretraining' or 'finetuning', got {self.loss_masking!r}"
             )
-        if self.prompt_layout not in ("auto", *PROMPT_LAYOUTS):
-            raise ValueError(
-                f"prompt_layout must be one of {('auto', *PROMPT_LAYOUTS)}, got "
-                f"{self.prompt_layout!r}"
-            )
+        if self.prompt_layout != "auto":  # canonical name (old names are aliases)
+            try:
+                object.__setattr__(self, "prompt_layout", check_prompt_layout(self.prompt_layout))
+            except ValueError as e:
+                raise ValueError(f"prompt_layout: {e} (or 'auto')") from None
         if self.batch_size % self.shard_count:
             raise ValueError(
                 f"data batch_size {self.batch_size} must be divisible by the number of JAX "
@@ -107,24 +106,24 @@ def resolve_prompt_layout(
 ) -> str:
     """The prompt layout of these settings with this tokenizer.
 
-    An explicit data.prompt_layout wins. "auto" means head for a fresh vocabulary, and for a
-    checkpoint's vocabulary whatever it was made for (records.detect_prompt_layout): a
+    An explicit data.prompt_layout wins. "auto" means annotated for a fresh vocabulary, and for
+    a checkpoint's vocabulary whatever it was made for (layouts.detect_prompt_layout): a
     reference f37ac14 checkpoint (no <MUSIC_TIME_0>, no room for the MusicManager tokens) can
-    only be fine-tuned on the layout it was trained on.
+    only be fine-tuned on the plain layout it was trained on.
     """
     if settings.prompt_layout != "auto":
         return settings.prompt_layout
     if fresh:
-        return "head"
+        return ANNOTATED
     return detect_prompt_layout(tokenizer, _max_n_notes(settings))
 
 
-def required_special_tokens(settings: DataSettings, layout: str = "head") -> list[str]:
+def required_special_tokens(settings: DataSettings, layout: str = ANNOTATED) -> list[str]:
     """Special tokens the records of these settings use, in the order a fresh vocab gets them."""
     tokens = layout_prefix_tokens(layout, _max_n_notes(settings))
     if settings.stage == "piano_task":
         tokens += task_special_tokens(resolve_tasks(settings.tasks)) + [GENAI]
-        if layout == "head":
+        if layout == ANNOTATED:
             tokens.append(EOGENAI)
     return tokens
 
@@ -132,8 +131,8 @@ def required_special_tokens(settings: DataSettings, layout: str = "head") -> lis
 def _describe_tokens(tokens: list[str], settings: DataSettings) -> str:
     """'169 <N_NOTES_*>, 1201 <MUSIC_TIME_*>, <EOGENAI>': a token list by role, short enough
     for an error message."""
-    roles = {t: "dataset" for t in pieces.DATASET_TOKENS}
-    roles.update({t: "composer" for t in pieces.COMPOSER_TOKENS})
+    roles = {t: "dataset" for t in layouts.DATASET_TOKENS}
+    roles.update({t: "composer" for t in layouts.COMPOSER_TOKENS})
     if settings.stage == "piano_task":
         roles.update({t: "task" for t in task_special_tokens(resolve_tasks(settings.tasks))})
     groups: dict[str, int] = {}
@@ -175,11 +174,11 @@ def build_tokenizer(
         )
         if fresh:
             fix = "raise tokenizer.n_special_ids" + (
-                " (or set data.prompt_layout='f37ac14', which needs no N_NOTES/MUSIC_TIME "
-                "tokens)" if layout == "head" else "")
-        elif layout == "head" and "<MUSIC_TIME_0>" not in tok.token_to_id:
+                " (or set data.prompt_layout='plain', which needs no N_NOTES/MUSIC_TIME "
+                "tokens)" if layout == ANNOTATED else "")
+        elif layout == ANNOTATED and "<MUSIC_TIME_0>" not in tok.token_to_id:
             fix = ("this looks like a reference f37ac14 checkpoint: use data.prompt_layout="
-                   "'f37ac14' (or 'auto'), or fewer tasks")
+                   "'plain' (or 'auto'), or fewer tasks")
         else:
             fix = "use fewer tasks, or a checkpoint whose tokenizer has more free slots"
         raise ValueError(

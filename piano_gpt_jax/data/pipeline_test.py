@@ -13,7 +13,7 @@ COMPOSERS = ["Frédéric Chopin", "Johann Sebastian Bach", "Wolfgang Amadeus Moz
 @pytest.fixture(scope="module")
 def stand_in(maestro_dir):
     """A small DatasetDict of real MAESTRO notes, standing in for data.sources."""
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     rows = []
     for i, f in enumerate(sorted(maestro_dir.glob("*.mid"))[:6]):
@@ -84,8 +84,8 @@ def test_eval_batches_and_examples_are_deterministic(patched):
     for e in ex:
         assert e["prompt_ids"][-1] == genai and genai not in e["target_ids"]
         assert len(e["prompt_time_steps"]) == len(e["prompt_ids"])
-        # The head layout announces the target's size (<N_NOTES_k>, third token); the target ids
-        # must decode to exactly that many notes, and a task always leaves at least one.
+        # The annotated layout announces the target's size (<N_NOTES_k>, third token); the
+        # target ids must decode to exactly that many notes, and a task always leaves at least one.
         announced = p.tokenizer.vocab[e["prompt_ids"][2]]
         assert announced.startswith("<N_NOTES_")
         n_target = int(announced[len("<N_NOTES_"):-1])
@@ -118,13 +118,13 @@ def test_no_usable_records_gives_one_clear_message(patched):
 def f37ac14_desc(tasks="piano_default"):
     """The tokenizer_desc of a reference f37ac14 checkpoint: n_special_ids 1024, vocab 1241,
     dataset and composer tokens, the task tokens and <GENAI> only."""
-    from piano_gpt_jax.data import pieces
-    from piano_gpt_jax.tasks import resolve_tasks, task_special_tokens
-    from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+    from piano_gpt_jax.music import layouts
+    from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
     tok = ExponentialTimeTokenizer.build(dict(pipeline.DEFAULT_TOKENIZER_CONFIG,
                                               n_special_ids=1024))
-    tok.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS])
+    tok.add_special_tokens([*layouts.DATASET_TOKENS, *layouts.COMPOSER_TOKENS])
     tok.add_special_tokens(task_special_tokens(resolve_tasks(tasks)) + ["<GENAI>"])
     assert tok.vocab_size == 1241
     return tok.to_dict()
@@ -134,16 +134,16 @@ def test_f37ac14_checkpoint_tokenizer_is_detected_and_keeps_its_ids():
     desc = f37ac14_desc("top_line")
     vocab = desc["parameters"]["lexicon"]["vocab"]
     s = settings(tasks="piano_default")
-    assert pipeline.resolve_prompt_layout(s, build_tokenizer(s)) == "head"  # fresh: head
+    assert pipeline.resolve_prompt_layout(s, build_tokenizer(s)) == "annotated"  # fresh
     tok = build_tokenizer(s, desc)  # auto: the checkpoint's own layout
-    assert pipeline.resolve_prompt_layout(s, tok) == "f37ac14"
+    assert pipeline.resolve_prompt_layout(s, tok) == "plain"
     assert tok.vocab_size == 1241 and "<MUSIC_TIME_0>" not in tok.token_to_id
     assert "<EOGENAI>" not in tok.token_to_id and "<N_NOTES_0>" not in tok.token_to_id
     n_old = desc["parameters"]["first_placeholder_id"]
     assert tok.vocab[:n_old] == vocab[:n_old]  # only the new task tokens were added, after
     assert tok.token_to_id["<CHORD_MASK>"] >= n_old
-    # A fresh run may ask for the f37ac14 layout too; its vocab then lacks the MusicManager time
-    # tokens, and a tokenizer built that way detects as f37ac14.
+    # A fresh run may ask for the plain (f37ac14) layout too; its vocab then lacks the
+    # MusicManager time tokens, and a tokenizer built that way detects as plain.
     fresh = build_tokenizer(settings(prompt_layout="f37ac14"))
     assert "<GENAI>" in fresh.token_to_id and "<MUSIC_TIME_0>" not in fresh.token_to_id
     assert "<EOGENAI>" not in fresh.token_to_id
@@ -155,7 +155,7 @@ def test_layout_that_does_not_fit_names_free_slots_and_needs():
     msg = str(err.value)
     assert "979 free special-token slots" in msg and "needs 1371 new tokens" in msg
     assert "169 <N_NOTES_*>, 1201 <MUSIC_TIME_*>, <EOGENAI>" in msg
-    assert "data.prompt_layout='f37ac14'" in msg
+    assert "data.prompt_layout='plain'" in msg
     small = dict(pipeline.DEFAULT_TOKENIZER_CONFIG, n_special_ids=1024)
     with pytest.raises(ValueError, match="fresh tokenizer.*1024 free.*raise tokenizer.n_special"):
         build_tokenizer(settings(tokenizer_config=small))
@@ -165,7 +165,7 @@ def test_f37ac14_pipeline_records_and_eval_examples(patched):
     s = settings(loss_masking="finetuning", notes_per_record=24, tasks="top_line")
     tok = build_tokenizer(s, f37ac14_desc("top_line"))
     p = make_pipeline(s, tok)
-    assert p.prompt_layout == "f37ac14" and p.summary()["prompt_layout"] == "f37ac14"
+    assert p.prompt_layout == "plain" and p.summary()["prompt_layout"] == "plain"
     genai = tok.token_to_id["<GENAI>"]
     task_ids = {tok.token_to_id[t] for t in ("<PARAMETRIC_TOP_LINE>", "<PARAMETER_1>",
                                               "<PARAMETER_2>", "<PARAMETER_3>")}

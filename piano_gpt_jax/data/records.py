@@ -8,15 +8,11 @@ Two record kinds, chosen by `stage`:
   its note) up to the last full window; a piece shorter than the context gives one padded record.
   Augmentation here is pitch shift only (done on ids); speed change would need re-tokenizing.
 * piano_task: a record is `notes_per_record` consecutive notes of a piece, shifted to start at 0,
-  split by one task into source and target, in one of two prompt layouts:
-  - "head" (piano-gpt HEAD): `[dataset, composer, <N_NOTES_k>] + task prefix + [<MUSIC_TIME_a>,
-    <MUSIC_TIME_b>] + ET(source) + <GENAI> + ET(target) + <EOGENAI>`;
-  - "f37ac14" (what reference checkpoints of commit f37ac14 were trained on, reference 4.6):
-    `[dataset, composer] + task prefix + ET(source) + <GENAI> + ET(target)`; their vocabulary
-    has no N_NOTES/MUSIC_TIME/<EOGENAI> tokens and usually no room for the 1,395 of them.
-  Either is cut to context_size + 1 and right-padded. The task is applied to the whole window
-  (the f37ac14 scheme, not HEAD's random inner windows). Record index = window * n_tasks + task,
-  as the reference.
+  split by one task into source and target, laid out by music/layouts.py in the "annotated"
+  (piano-gpt HEAD) or "plain" (piano-gpt f37ac14) prompt layout: prompt + answer, cut to
+  context_size + 1 and right-padded. The task is applied to the whole window (the f37ac14
+  scheme, not HEAD's random inner windows). Record index = window * n_tasks + task, as the
+  reference.
 
 Augmentation (training only, from an RNG seeded by the caller per example): a pitch shift drawn
 uniformly from the shifts in [-max_pitch_shift, max_pitch_shift] that keep every note in 21..108
@@ -34,72 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from piano_gpt_jax.data import pieces
-from piano_gpt_jax.tasks import PianoTask
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
-
-GENAI = "<GENAI>"
-EOGENAI = "<EOGENAI>"
-MAX_MUSIC_TIME_S = 120.0
-
-
-def n_notes_token(n: int) -> str:
-    return f"<N_NOTES_{int(n)}>"
-
-
-def music_time_token(t: float) -> str:
-    """Absolute time token at 100 ms resolution, clipped at 120 s (NaN -> 0), as MusicManager."""
-    t = 0.0 if t is None or not np.isfinite(t) else min(float(t), MAX_MUSIC_TIME_S)
-    return f"<MUSIC_TIME_{int(10 * round(t, 1))}>"
-
-
-PROMPT_LAYOUTS = ("head", "f37ac14")
-
-
-def check_prompt_layout(layout: str) -> str:
-    if layout not in PROMPT_LAYOUTS:
-        raise ValueError(f"prompt layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
-    return layout
-
-
-def layout_prefix_tokens(layout: str, max_n_notes: int) -> list[str]:
-    """The record-prefix tokens a layout needs, in the order a fresh vocab gets them: f37ac14
-    only has the dataset and composer tokens; head adds N_NOTES and MUSIC_TIME."""
-    if check_prompt_layout(layout) == "f37ac14":
-        return [*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS]
-    return music_special_tokens(max_n_notes)
-
-
-def detect_prompt_layout(
-    tokenizer: ExponentialTimeTokenizer, max_n_notes: int | None = None
-) -> str:
-    """The layout a (checkpoint's) tokenizer was made for.
-
-    A vocabulary holding <MUSIC_TIME_0> was built for the head layout. One holding <GENAI> but
-    no <MUSIC_TIME_0> was trained on f37ac14 records. Any other vocabulary takes the head layout
-    when the caller may add tokens (training: `max_n_notes` given, the N_NOTES range it would add)
-    and the missing MusicManager tokens fit its free slots; otherwise (or with `max_n_notes` None:
-    the vocabulary is used as it is, as for generation) only the f37ac14 layout fits in it.
-    """
-    if "<MUSIC_TIME_0>" in tokenizer.token_to_id:
-        return "head"
-    if "<GENAI>" in tokenizer.token_to_id:
-        return "f37ac14"  # trained on PIANO tasks without MUSIC_TIME: that was the f37ac14 layout
-    if max_n_notes is not None:
-        missing = [t for t in music_special_tokens(max_n_notes) if t not in tokenizer.token_to_id]
-        if len(missing) <= tokenizer.free_special_slots:
-            return "head"
-    return "f37ac14"
-
-
-def music_special_tokens(max_n_notes: int) -> list[str]:
-    """The MusicManager tokens in reference order: dataset, composer, N_NOTES, MUSIC_TIME."""
-    return [
-        *pieces.DATASET_TOKENS,
-        *pieces.COMPOSER_TOKENS,
-        *(n_notes_token(k) for k in range(int(max_n_notes) + 1)),
-        *(f"<MUSIC_TIME_{k}>" for k in range(int(10 * MAX_MUSIC_TIME_S) + 1)),
-    ]
+from piano_gpt_jax.music import layouts, pieces
+from piano_gpt_jax.music.tasks import PianoTask
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 
 @dataclass(frozen=True)
@@ -145,7 +78,7 @@ class PieceStore:
         }
 
     def composer_keys(self) -> list[str | None]:
-        return [pieces.composer_key(s) for s in self.sources]
+        return [layouts.composer_key(s) for s in self.sources]
 
     def subset(self, piece_ids: Sequence[int]) -> PieceStore:
         parts = [self.piece(i) for i in piece_ids]
@@ -213,10 +146,9 @@ def _store_from_parts(parts: list[dict], sources: list[str]) -> PieceStore:
 
 def _source_prefix_ids(store: PieceStore, tokenizer: ExponentialTimeTokenizer) -> np.ndarray:
     """(n_pieces, 2) ids of each piece's [dataset, composer] tokens, the start of every record."""
-    t2i = tokenizer.token_to_id
     return np.asarray(
-        [[t2i[pieces.dataset_token(s)], t2i[pieces.composer_token(s)]] for s in store.sources],
-        np.int32,
+        [layouts.token_ids(tokenizer, [layouts.dataset_token(s), layouts.composer_token(s)])
+         for s in store.sources], np.int32,
     ).reshape(-1, 2)
 
 
@@ -254,9 +186,9 @@ class PianoTaskRecords:
         context_size: int,
         loss_masking: str = "pretraining",
         use_time_steps: bool = False,
-        prompt_layout: str = "head",
+        prompt_layout: str = layouts.ANNOTATED,
     ):
-        self.prompt_layout = check_prompt_layout(prompt_layout)
+        self.prompt_layout = layouts.check_prompt_layout(prompt_layout)
         if loss_masking not in ("pretraining", "finetuning"):
             raise ValueError(
                 f"loss_masking must be 'pretraining' or 'finetuning', got {loss_masking!r}"
@@ -269,10 +201,9 @@ class PianoTaskRecords:
         counts = np.maximum(np.diff(store.offsets) - self.notes_per_record + 1, 0)
         self._window_cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_windows = int(self._window_cum[-1])
-        self._prefix = _source_prefix_ids(store, tokenizer)
-        self._task_prefix = [tokenizer.encode_tokens(t.prefix_tokens) for t in self.tasks]
-        self._genai = tokenizer.token_to_id[GENAI]
-        self._eogenai = tokenizer.token_to_id[EOGENAI] if self.prompt_layout == "head" else None
+        self._source_tokens = [(layouts.dataset_token(s), layouts.composer_token(s))
+                               for s in store.sources]
+        self._answer_end = np.asarray(layouts.answer_end(tokenizer, self.prompt_layout), np.int32)
 
     def __len__(self) -> int:
         return self.n_windows * len(self.tasks)
@@ -297,36 +228,20 @@ class PianoTaskRecords:
     def parts(
         self, index: int, rng: np.random.Generator | None = None, aug: Augmentation | None = None
     ) -> tuple[str, np.ndarray, np.ndarray]:
-        """(task name, prompt ids up to and including <GENAI>, target note ids)."""
+        """(task name, prompt ids up to and including <GENAI>, target note ids), laid out by
+        music/layouts.py, the builder generation uses too."""
         piece, task_i, notes = self._window(index, rng, aug)
         task = self.tasks[task_i]
         split = task.split(notes)
-        tok = self.tokenizer
-        if self.prompt_layout == "f37ac14":
-            head = np.concatenate([self._prefix[piece], self._task_prefix[task_i]])
-        else:
-            tgt_start = split.target["start"]
-            t_min = float(tgt_start.min()) if len(tgt_start) else float("nan")
-            t_max = float(tgt_start.max()) if len(tgt_start) else float("nan")
-            head = np.concatenate(
-                [
-                    self._prefix[piece],
-                    [tok.token_to_id[n_notes_token(split.n_target_notes)]],
-                    self._task_prefix[task_i],
-                    tok.encode_tokens([music_time_token(t_min), music_time_token(t_max)]),
-                ]
-            )
-        src = tok.encode_arrays(*(split.source[k] for k in ("pitch", "velocity", "start", "end")))
-        tgt = tok.encode_arrays(*(split.target[k] for k in ("pitch", "velocity", "start", "end")))
-        prompt = np.concatenate([head, src, [self._genai]]).astype(np.int32)
-        return task.task_name, prompt, tgt.astype(np.int32)
+        dataset, composer = self._source_tokens[piece]
+        prompt = layouts.task_prompt(self.tokenizer, self.prompt_layout, split, dataset, composer)
+        return task.task_name, prompt, self.tokenizer.encode(split.target).astype(np.int32)
 
     def example(
         self, index: int, rng: np.random.Generator | None = None, aug: Augmentation | None = None
     ) -> dict[str, np.ndarray]:
         _, prompt, target = self.parts(index, rng, aug)
-        end = [] if self._eogenai is None else [self._eogenai]  # f37ac14 had no end marker
-        seq = np.concatenate([prompt, target, end])
+        seq = np.concatenate([prompt, target, self._answer_end])
         n_masked = len(prompt) - 1 if self.finetuning else 0
         return _pad_and_shift(
             seq, self.context_size, self.tokenizer.pad_token_id, n_masked, self.tokenizer,

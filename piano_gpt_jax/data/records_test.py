@@ -4,18 +4,11 @@ import datasets
 import numpy as np
 import pytest
 
-from piano_gpt_jax.data import pieces
-from piano_gpt_jax.data.records import (
-    Augmentation,
-    NextTokenRecords,
-    PianoTaskRecords,
-    PieceStore,
-    detect_prompt_layout,
-    music_special_tokens,
-    music_time_token,
-)
-from piano_gpt_jax.tasks import HighNotesMasking, StrideMasking
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.data.records import Augmentation, NextTokenRecords, PianoTaskRecords, PieceStore
+from piano_gpt_jax.music import layouts
+from piano_gpt_jax.music.layouts import detect_prompt_layout, music_special_tokens, music_time_token
+from piano_gpt_jax.music.tasks import HighNotesMasking, StrideMasking
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 CONFIG = {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048}
 SOURCE = json.dumps({"composer": "Frédéric Chopin", "dataset": "maestro", "title": "x"})
@@ -30,7 +23,7 @@ def tok():
     return t
 
 
-# The reference worked example's record in the head layout, token by token (tokenizer-tasks-
+# The reference worked example's record in the annotated layout, token by token (tokenizer-tasks-
 # metrics.md, worked example 1.11, with HighNotesMasking(1)).
 GOLDEN_RECORD = (
     "<MAESTRO> <CHOPIN> <N_NOTES_1> <PARAMETRIC_HIGH_NOTES> <PARAMETER_1> <MUSIC_TIME_3> "
@@ -87,7 +80,7 @@ def f37ac14_tokenizer(n_special_ids=1024):
     """A vocabulary as reference f37ac14 builds it (4.4, 4.6, Appendix A): dataset and composer
     tokens at 217-241, then the task tokens and <GENAI>; no N_NOTES/MUSIC_TIME/<EOGENAI>."""
     t = ExponentialTimeTokenizer.build(CONFIG | {"n_special_ids": n_special_ids})
-    t.add_special_tokens([*pieces.DATASET_TOKENS, *pieces.COMPOSER_TOKENS])
+    t.add_special_tokens([*layouts.DATASET_TOKENS, *layouts.COMPOSER_TOKENS])
     t.add_special_tokens(["<PARAMETRIC_HIGH_NOTES>", "<PARAMETER_1>", "<GENAI>"])
     return t
 
@@ -129,7 +122,7 @@ def test_f37ac14_layout_token_by_token():
 
 
 def test_f37ac14_layout_needs_no_music_manager_tokens():
-    """The head layout cannot be built from an f37ac14 vocabulary: its prefix tokens are absent."""
+    """The annotated layout cannot be built from an f37ac14 vocabulary: its tokens are absent."""
     tok = f37ac14_tokenizer()
     store = PieceStore.from_split(golden_split(), pause_threshold=4.0)
     with pytest.raises(KeyError):
@@ -139,18 +132,18 @@ def test_f37ac14_layout_needs_no_music_manager_tokens():
 
 
 def test_prompt_layout_detection(tok):
-    assert detect_prompt_layout(tok) == "head"  # holds <MUSIC_TIME_0>
-    assert detect_prompt_layout(tok, 168) == "head"
+    assert detect_prompt_layout(tok) == "annotated"  # holds <MUSIC_TIME_0>
+    assert detect_prompt_layout(tok, 168) == "annotated"
     small = f37ac14_tokenizer(1024)  # 979 free slots, 1370 MusicManager tokens missing
     assert small.free_special_slots == 1241 - 245
-    assert detect_prompt_layout(small, 168) == "f37ac14"
-    assert detect_prompt_layout(small) == "f37ac14"
+    assert detect_prompt_layout(small, 168) == "plain"
+    assert detect_prompt_layout(small) == "plain"
     roomy = f37ac14_tokenizer(2048)  # room for MusicManager tokens, but trained on f37ac14
-    assert detect_prompt_layout(roomy, 168) == "f37ac14"  # records (it holds <GENAI>)
-    assert detect_prompt_layout(roomy) == "f37ac14"
+    assert detect_prompt_layout(roomy, 168) == "plain"  # records (it holds <GENAI>)
+    assert detect_prompt_layout(roomy) == "plain"
     fresh = ExponentialTimeTokenizer.build(
         {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048})
-    assert detect_prompt_layout(fresh, 168) == "head"  # nothing trained yet, room to add
+    assert detect_prompt_layout(fresh, 168) == "annotated"  # nothing trained yet, room to add
 
 
 def test_time_steps_restart_after_genai(tok):
@@ -183,7 +176,7 @@ def test_truncation_to_context_keeps_the_head(tok):
 
 
 def real_store(maestro_dir, n_files=2):
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     rows = []
     for f in sorted(maestro_dir.glob("*.mid"))[:n_files]:

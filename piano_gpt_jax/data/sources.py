@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from piano_gpt_jax.data.pieces import NOTE_COLUMNS, Notes
+from piano_gpt_jax.music.pieces import NOTE_COLUMNS, Notes
 
 SPLITS = ("train", "validation", "test")
 BUILTIN_NAME = "builtin"

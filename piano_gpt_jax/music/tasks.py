@@ -14,19 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from piano_gpt_jax.data.pieces import Notes, n_notes, select
+from piano_gpt_jax.music.pieces import Notes, as_notes, n_notes, select
 
 LINE_WINDOW_S = 0.2  # the reference's top/bottom-line window
 CHORD_TOLERANCE_S = 0.015  # notes starting closer than this to the previous one form a chord
-
-
-def as_notes(notes: Any) -> Notes:
-    """A dict of numpy arrays from a DataFrame or a mapping (no copy when already arrays)."""
-    if isinstance(notes, pd.DataFrame):
-        return {c: notes[c].to_numpy() for c in notes.columns}
-    return {k: np.asarray(v) for k, v in notes.items()}
 
 
 def _duration(notes: Notes) -> np.ndarray:

@@ -14,75 +14,16 @@ Validation policy of :func:`clean_notes` (applied by :func:`notes_from_record`):
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 PITCH_MIN = 21
 PITCH_MAX = 108
 NOTE_COLUMNS = ("pitch", "velocity", "start", "end", "duration")
 _REQUIRED_COLUMNS = ("pitch", "velocity", "start", "end")
-
-# Prefix tokens of the reference MusicManager, in the reference order (the order decides ids).
-DATASET_TOKENS = (
-    "<MAESTRO>",
-    "<PIJAMA>",
-    "<VGMIDI>",
-    "<MUSIC-NET>",
-    "<PIANO-MIDI-DE>",
-    "<LAKH-LMD-FULL>",
-    "<GIANT-MIDI>",
-    "<IMSLP>",
-    "<ATEPP-1.1>",
-    "<PIANO_FOR_AI>",
-)
-FALLBACK_DATASET_TOKEN = "<PIANO_FOR_AI>"
-COMPOSER_TOKENS = (
-    "<SCRIABIN>",
-    "<FRANCK>",
-    "<MOZART>",
-    "<CHOPIN>",
-    "<MENDELSSON>",
-    "<LISZT>",
-    "<SCHUBERT>",
-    "<BRAHMS>",
-    "<HAYDN>",
-    "<BEETHOVEN>",
-    "<BALAKIREV>",
-    "<SCHUMANN>",
-    "<RACHMANIOFF>",
-    "<UNKNOWN_COMPOSER>",
-    "<BACH>",
-)
-UNKNOWN_COMPOSER_TOKEN = "<UNKNOWN_COMPOSER>"
-
-# composer key -> (surname spellings matched as whole words, reference token). The reference token
-# names misspell two composers; we also accept the usual spellings so that "Felix Mendelssohn" and
-# "Sergei Rachmaninoff" are recognised (the reference regex missed them).
-COMPOSERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "scriabin": (("scriabin", "skryabin"), "<SCRIABIN>"),
-    "franck": (("franck",), "<FRANCK>"),
-    "mozart": (("mozart",), "<MOZART>"),
-    "chopin": (("chopin",), "<CHOPIN>"),
-    "mendelssohn": (("mendelssohn", "mendelsson"), "<MENDELSSON>"),
-    "liszt": (("liszt",), "<LISZT>"),
-    "schubert": (("schubert",), "<SCHUBERT>"),
-    "brahms": (("brahms",), "<BRAHMS>"),
-    "haydn": (("haydn",), "<HAYDN>"),
-    "beethoven": (("beethoven",), "<BEETHOVEN>"),
-    "balakirev": (("balakirev",), "<BALAKIREV>"),
-    "schumann": (("schumann",), "<SCHUMANN>"),
-    "rachmaninoff": (("rachmaninoff", "rachmaninov", "rachmanioff"), "<RACHMANIOFF>"),
-    "bach": (("bach",), "<BACH>"),
-}
-_COMPOSER_PATTERNS = {
-    key: re.compile(r"\b(?:" + "|".join(names) + r")\b", re.IGNORECASE)
-    for key, (names, _) in COMPOSERS.items()
-}
-
 
 class BadRecordError(ValueError):
     """A record cannot be read as a piece at all (missing or mismatched note columns)."""
@@ -99,6 +40,31 @@ def _columns(notes: Any) -> Mapping[str, Any]:
     raise BadRecordError(
         f"notes must be a mapping of arrays or a DataFrame, got {type(notes).__name__}"
     )
+
+
+def as_notes(notes: Any) -> Notes:
+    """THE adapter into a piece: a DataFrame (also the column-less one a decoder returns for no
+    notes), a mapping of arrays, or None. Rows are kept as given (no cleaning or sorting: that
+    is `clean_notes`); `duration` is added when missing."""
+    if notes is None or (hasattr(notes, "columns") and len(notes) == 0):
+        return empty_notes()
+    cols = _columns(notes)
+    missing = [c for c in _REQUIRED_COLUMNS if c not in cols]
+    if missing:
+        raise BadRecordError(f"notes lack the column(s) {missing}; notes need pitch, velocity, "
+                             "start, end (seconds)")
+    out = {c: np.asarray(cols[c]).reshape(-1) for c in _REQUIRED_COLUMNS}
+    out["duration"] = (np.asarray(cols["duration"]).reshape(-1) if "duration" in cols
+                       else out["end"].astype(np.float64) - out["start"].astype(np.float64))
+    return out
+
+
+def to_frame(notes: Any) -> pd.DataFrame:
+    """A piece as a DataFrame of pitch, velocity, start, end sorted by start (stable): what MIDI
+    writing, piano rolls and the reference's notes_df consumers take."""
+    n = as_notes(notes)
+    df = pd.DataFrame({k: n[k] for k in _REQUIRED_COLUMNS})
+    return df.sort_values("start", kind="stable").reset_index(drop=True)
 
 
 def empty_notes() -> Notes:
@@ -248,41 +214,3 @@ def allowed_pitch_shifts(notes: Notes, max_shift: int) -> list[int]:
     low = max(-max_shift, PITCH_MIN - int(notes["pitch"].min()))
     high = min(max_shift, PITCH_MAX - int(notes["pitch"].max()))
     return list(range(low, high + 1))
-
-
-def parse_source(source: Any) -> dict:
-    """A record's ``source`` as a dict; tolerant of None, bad JSON and non-dict JSON."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    if isinstance(source, (str, bytes)):
-        try:
-            value = json.loads(source)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
-
-
-def composer_key(source_json: Any) -> str | None:
-    """Lower-case composer key when exactly one known surname occurs in ``source["composer"]``."""
-    composer = parse_source(source_json).get("composer")
-    if not isinstance(composer, str) or not composer:
-        return None
-    matches = [key for key, pattern in _COMPOSER_PATTERNS.items() if pattern.search(composer)]
-    return matches[0] if len(matches) == 1 else None
-
-
-def composer_token(source: Any) -> str:
-    key = composer_key(source)
-    return COMPOSERS[key][1] if key is not None else UNKNOWN_COMPOSER_TOKEN
-
-
-def dataset_token(source: Any) -> str:
-    """The dataset prefix token; a missing or unknown ``dataset`` falls back to <PIANO_FOR_AI>."""
-    name = parse_source(source).get("dataset")
-    if isinstance(name, str):
-        wanted = name.strip().lower()
-        for token in DATASET_TOKENS:
-            if token[1:-1].lower() == wanted:
-                return token
-    return FALLBACK_DATASET_TOKEN

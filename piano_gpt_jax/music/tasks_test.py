@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piano_gpt_jax.tasks import (
+from piano_gpt_jax.music.tasks import (
     BottomLineMasking,
     ChordMasking,
     HighNotesMasking,

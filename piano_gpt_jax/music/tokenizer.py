@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from piano_gpt_jax.data.pieces import PITCH_MAX as MAX_PITCH
-from piano_gpt_jax.data.pieces import PITCH_MIN as MIN_PITCH
-from piano_gpt_jax.data.pieces import allowed_pitch_shifts
+from piano_gpt_jax.music.pieces import PITCH_MAX as MAX_PITCH
+from piano_gpt_jax.music.pieces import PITCH_MIN as MIN_PITCH
+from piano_gpt_jax.music.pieces import allowed_pitch_shifts, as_notes
 
 PAD = "<PAD>"
 CLS = "<CLS>"
@@ -44,26 +44,6 @@ def _time_token_multipliers(time_unit: float, max_time_step: float) -> list[int]
         dt *= 2
         k *= 2
     return ks
-
-
-def _notes_to_arrays(notes: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Accept a DataFrame or a mapping of arrays; return pitch, velocity, start, end arrays."""
-    if isinstance(notes, pd.DataFrame):
-        cols = {c: notes[c].to_numpy() for c in _NOTE_KEYS if c in notes}
-    elif isinstance(notes, Mapping):
-        cols = {c: np.asarray(notes[c]) for c in _NOTE_KEYS if c in notes}
-    else:
-        raise TypeError(f"notes must be a pandas DataFrame or a dict of arrays, got {type(notes)}")
-    missing = [c for c in _NOTE_KEYS if c not in cols]
-    if missing:
-        raise ValueError(f"notes lack the column(s) {missing}; need pitch, velocity, start, end")
-    pitch = cols["pitch"].astype(np.int64, copy=False)
-    velocity = cols["velocity"].astype(np.int64, copy=False)
-    start = cols["start"].astype(np.float64, copy=False)
-    end = cols["end"].astype(np.float64, copy=False)
-    if not (len(pitch) == len(velocity) == len(start) == len(end)):
-        raise ValueError("notes columns pitch, velocity, start, end have different lengths")
-    return pitch, velocity, start, end
 
 
 class ExponentialTimeTokenizer:
@@ -245,8 +225,11 @@ class ExponentialTimeTokenizer:
 
     def encode(self, notes: Any) -> np.ndarray:
         """Token ids (int32) of a set of notes; times are seconds from absolute zero."""
-        pitch, velocity, start, end = _notes_to_arrays(notes)
-        return self.encode_arrays(pitch, velocity, start, end)
+        n = as_notes(notes)
+        return self.encode_arrays(n["pitch"].astype(np.int64, copy=False),
+                                  n["velocity"].astype(np.int64, copy=False),
+                                  n["start"].astype(np.float64, copy=False),
+                                  n["end"].astype(np.float64, copy=False))
 
     def tokenize(self, notes: Any) -> list[str]:
         return [self.vocab[i] for i in self.encode(notes)]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from piano_gpt_jax.data.pieces import NOTE_COLUMNS, clean_notes
+from piano_gpt_jax.music.pieces import NOTE_COLUMNS, clean_notes
 
 SUSTAIN_CC = 64
 SUSTAIN_THRESHOLD = 64

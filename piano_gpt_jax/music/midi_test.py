@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piano_gpt_jax.data.midi_io import MidiReadError, apply_sustain, read_midi, write_midi
+from piano_gpt_jax.music.midi import MidiReadError, apply_sustain, read_midi, write_midi
 
 
 def _write_raw(path, events, ticks_per_beat=480):

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piano_gpt_jax.data import pieces
+from piano_gpt_jax.music import layouts, pieces
 
 
 def _piece(pitch, start, end, velocity=None):
@@ -96,15 +96,15 @@ def test_change_speed_scales_times():
 )
 def test_composer_key_and_token(composer, key, token):
     source = json.dumps({"composer": composer, "dataset": "maestro"})
-    assert pieces.composer_key(source) == key
-    assert pieces.composer_token(source) == token
+    assert layouts.composer_key(source) == key
+    assert layouts.composer_token(source) == token
 
 
 def test_dataset_token_never_crashes():
-    assert pieces.dataset_token(json.dumps({"dataset": "MAESTRO"})) == "<MAESTRO>"
-    assert pieces.dataset_token(json.dumps({"dataset": "atepp-1.1"})) == "<ATEPP-1.1>"
-    assert pieces.dataset_token(json.dumps({"composer": "x"})) == "<PIANO_FOR_AI>"
-    assert pieces.dataset_token("not json") == "<PIANO_FOR_AI>"
-    assert pieces.dataset_token(None) == "<PIANO_FOR_AI>"
-    assert pieces.composer_key("[1, 2]") is None
-    assert len(pieces.DATASET_TOKENS) == 10 and len(pieces.COMPOSER_TOKENS) == 15
+    assert layouts.dataset_token(json.dumps({"dataset": "MAESTRO"})) == "<MAESTRO>"
+    assert layouts.dataset_token(json.dumps({"dataset": "atepp-1.1"})) == "<ATEPP-1.1>"
+    assert layouts.dataset_token(json.dumps({"composer": "x"})) == "<PIANO_FOR_AI>"
+    assert layouts.dataset_token("not json") == "<PIANO_FOR_AI>"
+    assert layouts.dataset_token(None) == "<PIANO_FOR_AI>"
+    assert layouts.composer_key("[1, 2]") is None
+    assert len(layouts.DATASET_TOKENS) == 10 and len(layouts.COMPOSER_TOKENS) == 15

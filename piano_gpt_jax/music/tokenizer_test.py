@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from piano_gpt_jax.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 CONFIG = {"time_unit": 0.01, "max_time_step": 1.0, "n_velocity_bins": 32, "n_special_ids": 2048}
 
@@ -118,14 +118,14 @@ def test_zero_length_note_gets_one_time_unit(tok):
 
 
 def test_vectorised_encode_matches_reference_loop_on_real_music(tok, maestro_dir):
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     notes = read_midi(sorted(maestro_dir.glob("*.mid"))[0]).iloc[:1500]
     assert tok.tokenize(notes) == reference_loop_tokens(tok, notes)
 
 
 def test_decode_encode_round_trip_within_one_time_unit(tok, maestro_dir):
-    from piano_gpt_jax.data.midi_io import read_midi
+    from piano_gpt_jax.music.midi import read_midi
 
     notes = read_midi(sorted(maestro_dir.glob("*.mid"))[1])
     dec = tok.decode(tok.encode(notes))
