@@ -24,6 +24,7 @@ from converters.torch_model import TorchGPT
 from piano_gpt_jax import sampling
 from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint, params_to_state_dict
 from piano_gpt_jax.generate import main as generate_main
+from piano_gpt_jax.music.time_steps import step_after
 
 
 def filter_logits(logits_V: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -74,9 +75,9 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
                     filtered = filter_logits(logits.float() / settings.temperature,
                                              settings.top_k, settings.top_p, settings.min_p)
                     tok = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen))
-                counter = 1 if tables.is_restart[tok] else counter + int(tables.time_increment[tok])
+                counter, step = step_after(tables, counter, tok)
                 hist.append(tok)
-                steps.append(counter if tables.is_music[tok] else 0)
+                steps.append(step)
                 new.append(tok)
                 if tok == stop_id:
                     break

@@ -61,7 +61,7 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
     n_examples, n_empty_generations and n_nan/<metric> counts.
     """
     manager = piano_metrics.MetricsManager.load_default()
-    tables = sampling.token_tables(tokenizer.vocab)
+    tables = sampling.token_tables(tokenizer)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in splits:
         examples = pipeline.eval_examples(split, n_examples)

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
     layout = prompt_layout_of(tokenizer)
-    tables = sampling.token_tables(tokenizer.vocab)
+    tables = sampling.token_tables(tokenizer)
     if task is not None:
         build = lambda n: task_prompt(tokenizer, task, n, dataset_token, composer_token, layout)
     else:

@@ -23,20 +23,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from piano_gpt_jax.model import ModelConfig, forward_cached, init_cache
+from piano_gpt_jax.music.time_steps import TimeTables, clock_after, time_steps, time_tables
 
-GENAI = "<GENAI>"
-EOGENAI = "<EOGENAI>"
-_TIME_RE = re.compile(r"^(\d+)T$")
-_MUSIC_RE = re.compile(r"^(NOTE_ON_\d+|NOTE_OFF_\d+|VELOCITY_\d+|\d+T)$")
 _PREFILL_BUCKET = 16
 _LENGTH_BUCKET = 64
 
@@ -78,42 +75,17 @@ class SamplingSettings:
         return keep
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenTables:
-    """Per-token lookups the compiled loop needs: time increments and token kinds."""
-
-    time_increment: np.ndarray  # (V,) int32: k for "kT", else 0
-    is_music: np.ndarray  # (V,) bool: note, velocity and time tokens
-    is_restart: np.ndarray  # (V,) bool: tokens that reset the music time (<GENAI>)
-    stop_id: int  # <EOGENAI> id, or -1 when the vocab has none
+TokenTables = TimeTables  # the sampler's name for music/time_steps.py's tables
 
 
-def token_tables(vocab: Sequence[str], restart_tokens: Sequence[str] = (GENAI,),
-                 stop_token: str = EOGENAI) -> TokenTables:
-    """Lookup tables from a tokenizer vocabulary (ids = list positions)."""
-    inc = np.zeros(len(vocab), np.int32)
-    music = np.zeros(len(vocab), bool)
-    restart = np.zeros(len(vocab), bool)
-    for i, tok in enumerate(vocab):
-        if m := _TIME_RE.match(tok):
-            inc[i] = int(m.group(1))
-        music[i] = bool(_MUSIC_RE.match(tok))
-        restart[i] = tok in restart_tokens
-    stop_id = vocab.index(stop_token) if stop_token in vocab else -1
-    return TokenTables(inc, music, restart, stop_id)
+def token_tables(tokenizer: Any) -> TimeTables:
+    """The music-time rule's tables and the stop token of a checkpoint's tokenizer."""
+    return time_tables(tokenizer)
 
 
-def prompt_time_steps(tables: TokenTables, ids: np.ndarray) -> tuple[np.ndarray, int]:
+def prompt_time_steps(tables: TimeTables, ids: np.ndarray) -> tuple[np.ndarray, int]:
     """(time step of each prompt token, the running counter after the prompt)."""
-    ids = np.asarray(ids, np.int64)
-    steps = np.zeros(len(ids), np.int32)
-    counter = 1
-    for j, tok in enumerate(ids):
-        counter += int(tables.time_increment[tok])
-        if tables.is_restart[tok]:
-            counter = 1
-        steps[j] = counter if tables.is_music[tok] else 0
-    return steps, counter
+    return time_steps(tables, ids), clock_after(tables, ids)
 
 
 @dataclasses.dataclass
@@ -318,7 +290,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
              tables: TokenTables | None = None) -> GenerationResult:
     """Continue each prompt (a 1-D array of token ids) with up to max_new_tokens sampled tokens.
 
-    `tables` (from `token_tables(tokenizer.vocab)`) gives the stop token and the time steps;
+    `tables` (from `token_tables(tokenizer)`) gives the stop token and the time steps;
     it is required for models with the music-time embedding. Prompts longer than the context
     keep their last context_size tokens (time steps still counted from their start).
     """
@@ -328,7 +300,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     keep = settings.kept_tokens(ctx)
     if tables is None:
         if cfg.use_time_embedding:
-            raise ValueError("this model uses music time steps: pass tables=token_tables(vocab)")
+            raise ValueError("this model uses music time steps: pass "
+                             "tables=token_tables(tokenizer)")
         tables = TokenTables(np.zeros(cfg.vocab_size, np.int32), np.zeros(cfg.vocab_size, bool),
                              np.zeros(cfg.vocab_size, bool), -1)
     if len(tables.time_increment) != cfg.vocab_size:

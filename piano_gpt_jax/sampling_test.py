@@ -91,7 +91,7 @@ def test_greedy_cache_equals_full_forward_past_the_context(tokenizer, prompts):
 def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
     cfg, params = _model(tokenizer, time_embedding=True, seed=1)
     settings = sampling.SamplingSettings(temperature=0.0, max_new_tokens=45, stop_at_eos=False)
-    tables = sampling.token_tables(tokenizer.vocab)
+    tables = sampling.token_tables(tokenizer)
     out = sampling.generate(cfg, params, prompts, settings, tables)  # lengths 20 and 27
     for row, prompt in enumerate(prompts):
         expected = reference_greedy(cfg, params, tokenizer, prompt, 45, keep=CTX // 2)
@@ -112,7 +112,7 @@ def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
 
 
 def test_prompt_time_steps_match_tokenizer(tokenizer, prompts):
-    tables = sampling.token_tables(tokenizer.vocab)
+    tables = sampling.token_tables(tokenizer)
     ids = np.concatenate([prompts[0], prompts[1][:10]])  # a <GENAI> restart in the middle
     steps, counter = sampling.prompt_time_steps(tables, ids)
     np.testing.assert_array_equal(steps, tokenizer.time_steps(ids))

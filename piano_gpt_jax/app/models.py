@@ -83,7 +83,7 @@ def load_model(path: str | Path) -> LoadedModel:
         raise AppError(f"{path}: tokenizer ({tokenizer.vocab_size} tokens) and model "
                        f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
     return LoadedModel(str(path), ck.model_config, ck.params, tokenizer,
-                       sampling.token_tables(tokenizer.vocab),
+                       sampling.token_tables(tokenizer),
                        generate.prompt_layout_of(tokenizer), ck.step)
 
 

@@ -58,7 +58,7 @@ def make_tiny_run(run_dir: Path, tasks: str = "piano_medium", steps: int = 100) 
     tok = build_tokenizer(settings)
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
                       context_size=96, use_time_embedding=True)
-    tables = sampling.token_tables(tok.vocab)
+    tables = sampling.token_tables(tok)
     ids = np.concatenate([tok.encode_tokens(["<PIANO_FOR_AI>", "<UNKNOWN_COMPOSER>"]),
                           tok.encode(arpeggio_notes())])
     time_steps, _ = sampling.prompt_time_steps(tables, ids)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from piano_gpt_jax.music import time_steps as time_steps_lib
+from piano_gpt_jax.music.layouts import GENAI
 from piano_gpt_jax.music.pieces import PITCH_MAX as MAX_PITCH
 from piano_gpt_jax.music.pieces import PITCH_MIN as MIN_PITCH
 from piano_gpt_jax.music.pieces import allowed_pitch_shifts, as_notes
@@ -174,6 +176,7 @@ class ExponentialTimeTokenizer:
                 if b < self.n_velocity_bins:
                     vel_ids[b] = i
         self._kind, self._value = kind, value
+        self._time_tables: dict = {}
         self._note_on_ids, self._note_off_ids, self._velocity_ids = note_on, note_off, vel_ids
 
     def add_special_tokens(self, tokens: Iterable[str]) -> None:
@@ -362,20 +365,19 @@ class ExponentialTimeTokenizer:
 
     # ------------------------------------------------------------------ time steps
     def time_steps(
-        self, ids: Sequence[int] | np.ndarray, restart_tokens: Sequence[str] = ("<GENAI>",)
+        self, ids: Sequence[int] | np.ndarray, restart_tokens: Sequence[str] = (GENAI,)
     ) -> np.ndarray:
-        """Music-time position of each token (reference token_ids_to_time_steps): a counter from 1
-        advanced by each time token, reset to 1 at restart tokens, 0 on non-music tokens."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        n = len(ids)
-        if n == 0:
-            return np.zeros(0, np.int32)
-        kind = self._kind[ids]
-        inc = np.where(kind == _TIME, self._value[ids], 0)
-        csum = np.cumsum(inc)
-        restart_ids = [self.token_to_id[t] for t in restart_tokens if t in self.token_to_id]
-        is_restart = np.isin(ids, restart_ids)
-        last = np.maximum.accumulate(np.where(is_restart, np.arange(n), -1))
-        base = np.where(last >= 0, csum[np.maximum(last, 0)], 0)
-        steps = 1 + csum - base
-        return np.where(kind != _OTHER, steps, 0).astype(np.int32)
+        """Music-time position of each token (reference token_ids_to_time_steps): the rule of
+        music/time_steps.py, which the samplers use too."""
+        key = tuple(restart_tokens)
+        if key not in self._time_tables:  # per vocabulary: _set_vocab clears it
+            self._time_tables[key] = time_steps_lib.time_tables(self, key)
+        return time_steps_lib.time_steps(self._time_tables[key], ids)
+
+    def time_increments(self) -> np.ndarray:
+        """(V,) how far each token advances the clock, in time units: k for "kT", else 0."""
+        return np.where(self._kind == _TIME, self._value, 0).astype(np.int64)
+
+    def music_token_mask(self) -> np.ndarray:
+        """(V,) True for note, velocity and time tokens: the tokens with a place in time."""
+        return self._kind != _OTHER
