@@ -35,7 +35,7 @@ def _batch(vocab: int, batch: int, T: int, seed: int = 0) -> dict[str, np.ndarra
 def _opt_settings(max_iters: int = 10_000):
     from piano_gpt_jax.config import OptimSettings
 
-    return OptimSettings(gradient_accumulation_steps=1, max_iters=max_iters, weight_decay=0.1,
+    return OptimSettings.of(gradient_accumulation_steps=1, max_iters=max_iters, weight_decay=0.1,
                          grad_clip=1.0, beta1=0.9, beta2=0.95, learning_rate=3e-4, min_lr=3e-5,
                          warmup_iters=10, decay_lr=True, lr_decay_iters=max_iters)
 

@@ -1,7 +1,11 @@
-"""The one place a run's ConfigDict is read: validated once, turned into frozen dataclasses.
+"""The one place a run's config is declared and read: validated once, into frozen dataclasses.
 
-Everything downstream receives plain values, so a bad key or value stops the run here, with one
-message that says what to change, before any data is loaded or anything compiles.
+Every config key is declared once, below, as a typed field with its default in the dataclass of
+its section (`model.n_layer` is `ModelSection.n_layer`); the key table (SCHEMA) used to check a
+config, suggest keys and fill defaults is derived from these declarations, and configs/piano.py
+starts from them (`default_config`). A bad key or value stops the run here, with one message
+that says what to change, before any data is loaded or anything compiles. Downstream code gets
+the validated sections (`cfg.model`, `cfg.optimizer`, `cfg.logging`, ...), named as the keys.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import ast
 import dataclasses
 import difflib
 import math
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,156 +27,270 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 DDP_BACKENDS = {"auto": "auto", "nccl": "auto", "gloo": "auto",
                 "jax_distributed": "jax_distributed", "none": "none"}
+ATTENTIONS = ("auto", "einsum", "xla", "cudnn")
+PARAM_SHARDINGS = ("none", "fsdp")
 SCRATCH = "scratch_next_token"
 
-_NUM = (int, float)
-_SEQ = (tuple, list)
-_OPT_STR = (str, type(None))
-_OPT_BOOL = (bool, type(None))
 
-# dotted key -> (accepted types, default when absent)
-SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
-    "out_dir": ((str,), "runs/default"),
-    "seed": ((int,), 1337),
-    "stage": ((str,), "piano_task"),
-    "init_from": ((str,), SCRATCH),
-    "init_optimizer": ((bool,), False),
-    "loss_masking": ((str,), "pretraining"),
-    "tasks": ((str, *_SEQ), "piano_default"),
-    "model.n_layer": ((int,), 12),
-    "model.n_head": ((int,), 12),
-    "model.n_embd": ((int,), 768),
-    "model.dropout": (_NUM, 0.0),
-    "model.bias": ((bool,), False),
-    "model.context_size": ((int,), 2048),
-    "model.use_time_embedding": ((bool,), False),
-    "model.one_hot_embedding": (_OPT_BOOL, None),
-    "model.attention": ((str,), "auto"),
-    "model.remat": ((bool,), False),
-    "system.device": ((str,), "gpu"),
-    "system.dtype": ((str,), "bfloat16"),
-    "system.compile": ((bool,), True),
-    "system.data_workers": ((int,), 0),
-    "system.param_sharding": ((str,), "none"),
-    "ddp.backend": ((str,), "auto"),
-    "ddp.timeout_s": ((int,), 300),
-    "data.batch_size": ((int,), 32),
-    "data.context_size": ((int,), 2048),
-    "data.notes_per_record": ((int,), 128),
-    "data.eval_splits": ((str, *_SEQ), "auto"),
-    "data.prompt_layout": ((str,), "auto"),
-    "dataset.base_dataset_name": ((str,), "epr-labs/maestro-sustain-v2"),
-    "dataset.extra_datasets": (_SEQ, ()),
-    "dataset.pause_detection_threshold": (_NUM, 4.0),
-    "dataset.augmentation.speed_change_factors": (_SEQ, ()),
-    "dataset.augmentation.max_pitch_shift": ((int,), 0),
-    "tokenizer.time_unit": (_NUM, 0.01),
-    "tokenizer.max_time_step": (_NUM, 1.0),
-    "tokenizer.n_velocity_bins": ((int,), 32),
-    "tokenizer.n_special_ids": ((int,), 2048),
-    "optimizer.gradient_accumulation_steps": ((int,), 1),
-    "optimizer.max_iters": ((int,), 100_000),
-    "optimizer.weight_decay": (_NUM, 0.1),
-    "optimizer.grad_clip": (_NUM, 1.0),
-    "optimizer.beta1": (_NUM, 0.9),
-    "optimizer.beta2": (_NUM, 0.95),
-    "lr.learning_rate": (_NUM, 3e-4),
-    "lr.min_lr": (_NUM, 3e-5),
-    "lr.warmup_iters": ((int,), 1000),
-    "lr.decay_lr": ((bool,), True),
-    "lr.lr_decay_iters": ((int, type(None)), None),  # None: optimizer.max_iters
-    "eval_interval": ((int,), 1000),
-    "eval_iters": ((int,), 50),
-    "eval_only": ((bool,), False),
-    "overwrite": ((bool,), False),
-    "nonfinite_patience": ((int,), 10),
-    "eval_metrics": ((bool,), False),
-    "eval_examples": ((int,), 16),
-    "checkpoint.keep_last": ((int,), 3),
-    "checkpoint.export_torch": ((bool,), True),
-    "logging.wandb_log": ((bool,), False),
-    "logging.wandb_project": ((str,), "piano-gpt-jax"),
-    "logging.wandb_entity": (_OPT_STR, None),
-    "logging.log_interval": ((int,), 20),
-}
+# ------------------------------------------------------------------------------ the declaration
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False
+    context_size: int = 2048
+    use_time_embedding: bool = False  # the music-time embedding (piano-gpt HEAD's wmte)
+    one_hot_embedding: bool | None = None  # None = False: gather the token rows
+    attention: str = "auto"  # auto | einsum | xla | cudnn
+    remat: bool = False  # recompute block activations in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSection:
+    device: str = "gpu"  # cpu | gpu | cuda | tpu
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (dynamic loss scaling)
+    compile: bool = True  # False runs the step without jit (debugging)
+    data_workers: int = 0  # Grain worker processes (0 = in-process)
+    param_sharding: str = "none"  # none (data parallel) | fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class DdpSection:
+    backend: str = "auto"  # auto | jax_distributed | none (nccl/gloo = auto)
+    timeout_s: int = 300  # how long a process waits for the job's coordinator at start
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    batch_size: int = 32  # global micro-batch (all devices of all processes)
+    context_size: int = 2048
+    notes_per_record: int = 128
+    eval_splits: str | tuple[str, ...] = "auto"  # "auto" = full_val + composer splits present
+    prompt_layout: str = "auto"  # auto | annotated | plain (head | f37ac14: old names)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentationSection:
+    speed_change_factors: tuple[float, ...] = ()
+    max_pitch_shift: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSection:
+    base_dataset_name: str = "epr-labs/maestro-sustain-v2"  # hub name, folder, or "builtin"
+    extra_datasets: tuple[str, ...] = ()  # training data; empty = the base dataset's train
+    pause_detection_threshold: float = 4.0
+    augmentation: AugmentationSection = AugmentationSection()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSection:
+    time_unit: float = 0.01
+    max_time_step: float = 1.0
+    n_velocity_bins: int = 32
+    n_special_ids: int = 2048  # the reference HEAD value; 1024 cannot hold all prefix tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    gradient_accumulation_steps: int = 1  # global batch = data.batch_size x this
+    max_iters: int = 100_000  # optimizer updates
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class LrSection:
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 1000
+    decay_lr: bool = True
+    lr_decay_iters: int | None = None  # None = optimizer.max_iters
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    keep_last: int = 3  # recent checkpoints kept (the best by validation loss is kept too)
+    export_torch: bool = True  # write best.pt and final.pt in out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    wandb_log: bool = False
+    wandb_project: str = "piano-gpt-jax"
+    wandb_entity: str | None = None
+    log_interval: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run's config, nested as configs/piano.py writes it. `build_train_config` returns
+    it validated (numbers checked, names resolved, `lr.lr_decay_iters` filled in)."""
+
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    stage: str = "piano_task"  # or next_token_pretraining
+    init_from: str = SCRATCH  # or a run directory of ours, or a PyTorch .pt
+    init_optimizer: bool = False  # init_from's AdamW state, step and tokens continue
+    loss_masking: str = "pretraining"  # or finetuning: loss only after <GENAI>
+    tasks: str | tuple[str, ...] = "piano_default"  # a task-set name or task names
+    model: ModelSection = ModelSection()
+    system: SystemSection = SystemSection()
+    ddp: DdpSection = DdpSection()
+    data: DataSection = DataSection()
+    dataset: DatasetSection = DatasetSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    lr: LrSection = LrSection()
+    eval_interval: int = 1000
+    eval_iters: int = 50
+    eval_only: bool = False
+    eval_metrics: bool = False  # eval_only: also generate and score PIANO-task metrics
+    eval_examples: int = 16  # examples per split for eval_metrics
+    overwrite: bool = False  # a new run may move an earlier run's outputs in out_dir aside
+    nonfinite_patience: int = 10  # stop after this many updates in a row with a NaN/inf loss
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+    # -------------------------------------------------------------- derived, not keys
+    @property
+    def from_scratch(self) -> bool:
+        return self.init_from == SCRATCH
+
+    @property
+    def platform(self) -> str:
+        """The JAX platform system.device names."""
+        return DEVICES[self.system.device.split(":", 1)[0]]
+
+    @property
+    def ddp_backend(self) -> str:
+        return DDP_BACKENDS[self.ddp.backend]
+
+    @property
+    def optim(self) -> OptimSettings:
+        return OptimSettings(self.optimizer, self.lr)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The whole config as plain nested values (checkpoints, wandb, exports)."""
+        return nest({k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in flatten(dataclasses.asdict(self)).items()})
+
+    def data_settings(self, **overrides: Any):
+        """The data pipeline's settings of this run."""
+        from piano_gpt_jax.data.settings import DataSettings
+
+        d, ds = self.data, self.dataset
+        values = dict(
+            stage=self.stage, loss_masking=self.loss_masking, tasks=self.tasks,
+            base_dataset_name=ds.base_dataset_name, extra_datasets=ds.extra_datasets,
+            pause_detection_threshold=ds.pause_detection_threshold,
+            speed_change_factors=ds.augmentation.speed_change_factors,
+            max_pitch_shift=ds.augmentation.max_pitch_shift, batch_size=d.batch_size,
+            context_size=d.context_size, notes_per_record=d.notes_per_record,
+            data_workers=self.system.data_workers, seed=self.seed,
+            use_time_steps=self.model.use_time_embedding,
+            tokenizer_config=dataclasses.asdict(self.tokenizer), eval_splits=d.eval_splits,
+            prompt_layout=d.prompt_layout)
+        return DataSettings(**{**values, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """What the optimizer and its schedule read: two sections of the config."""
+
+    optimizer: OptimizerSection = OptimizerSection()
+    lr: LrSection = LrSection()
+
+    @classmethod
+    def of(cls, **values: Any) -> OptimSettings:
+        """From flat optimizer.* / lr.* values (`max_iters=10, learning_rate=1e-3`); the rest
+        keep their defaults. For tests and benchmarks that set a few."""
+        return cls().replace(**values)
+
+    def replace(self, **changes: Any) -> OptimSettings:
+        """A copy with flat optimizer.* / lr.* values changed (each name lives in one section)."""
+        names = {f.name for f in dataclasses.fields(OptimizerSection)}
+        unknown = [k for k in changes if k not in names
+                   and k not in {f.name for f in dataclasses.fields(LrSection)}]
+        if unknown:
+            raise TypeError(f"no optimizer or lr setting named {unknown}")
+        return OptimSettings(
+            dataclasses.replace(self.optimizer, **{k: v for k, v in changes.items()
+                                                   if k in names}),
+            dataclasses.replace(self.lr, **{k: v for k, v in changes.items()
+                                            if k not in names}))
 
 
 class ConfigError(ValueError):
     """A configuration the user has to change; the message says how."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float
-    bias: bool
-    context_size: int
-    use_time_embedding: bool
-    one_hot_embedding: bool | None  # None (unset) = False: gather the token rows
-    attention: str  # auto | einsum | xla | cudnn
-    remat: bool  # recompute block activations in the backward pass
+# ------------------------------------------------------------------------------ the key table
+_NUM = (int, float)
+_SEQ = (tuple, list)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimSettings:
-    gradient_accumulation_steps: int
-    max_iters: int
-    weight_decay: float
-    grad_clip: float
-    beta1: float
-    beta2: float
-    learning_rate: float
-    min_lr: float
-    warmup_iters: int
-    decay_lr: bool
-    lr_decay_iters: int
+def _accepted_types(hint: Any) -> tuple[type, ...]:
+    """isinstance types a config value of this annotation may have (ints for floats, lists for
+    tuples: the forms ml_collections and command lines produce)."""
+    if hint is float:
+        return _NUM
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        out: tuple[type, ...] = ()
+        for arg in typing.get_args(hint):
+            out += _accepted_types(arg)
+        return tuple(dict.fromkeys(out))
+    if typing.get_origin(hint) is tuple:
+        return _SEQ
+    if hint is type(None):
+        return (type(None),)
+    return (hint,)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A validated run: what the trainer needs, and nothing it has to look up again."""
+def _declared(cls: type, prefix: str = "") -> dict[str, tuple[tuple[type, ...], Any]]:
+    out: dict[str, tuple[tuple[type, ...], Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(_declared(hint, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (_accepted_types(hint), f.default)
+    return out
 
-    out_dir: str
-    seed: int
-    stage: str
-    init_from: str
-    init_optimizer: bool  # init_from a .pt: continue its AdamW state, step and token count
-    loss_masking: str
-    model: ModelSettings
-    optim: OptimSettings
-    data_kwargs: Mapping[str, Any]  # keyword arguments of data.pipeline.DataSettings
-    platform: str  # JAX platform name
-    dtype: str
-    compile: bool
-    param_sharding: str  # "none" (replicated, data parallel) or "fsdp" (sharded, ZeRO-3)
-    ddp_backend: str
-    ddp_timeout_s: int  # how long a process waits for the job's coordinator at start
-    eval_interval: int
-    eval_iters: int
-    eval_only: bool
-    overwrite: bool  # a new run may move an earlier run's outputs in out_dir aside
-    nonfinite_patience: int  # stop after this many consecutive updates with a non-finite loss
-    eval_metrics: bool
-    eval_examples: int
-    keep_last: int
-    export_torch: bool
-    wandb_log: bool
-    wandb_project: str
-    wandb_entity: str | None
-    log_interval: int
-    raw: Mapping[str, Any]  # the whole config, nested as configs/piano.py writes it, plain values
 
-    @property
-    def from_scratch(self) -> bool:
-        return self.init_from == SCRATCH
+# dotted key -> (accepted types, default when absent): derived from the declaration above
+SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = _declared(TrainConfig)
 
-    def data_settings(self, **overrides: Any):
-        """The pipeline's DataSettings (imported lazily: config stays importable on its own)."""
-        from piano_gpt_jax.data.pipeline import DataSettings
 
-        return DataSettings(**{**self.data_kwargs, **overrides})
+def default_config() -> dict[str, Any]:
+    """Every key with its default, nested (configs/piano.py starts from this)."""
+    return nest({k: default for k, (_, default) in SCHEMA.items()})
+
+
+def optional_keys() -> dict[str, type]:
+    """Keys whose default is None, with the type they take when set (ml_collections needs it
+    to parse a command-line override of a None field)."""
+    return {k: next(t for t in types_ if t is not type(None))
+            for k, (types_, default) in SCHEMA.items()
+            if default is None and type(None) in types_}
+
+
+def _build(cls: type, flat: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, flat, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = flat[f"{prefix}{f.name}"]
+    return cls(**kwargs)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -297,8 +417,8 @@ def build_train_config(cfg: Any) -> TrainConfig:
     v["data.prompt_layout"] = LAYOUT_ALIASES.get(v["data.prompt_layout"],
                                                  v["data.prompt_layout"])
     _one_of("system.dtype", v["system.dtype"], DTYPES)
-    _one_of("system.param_sharding", v["system.param_sharding"], ("none", "fsdp"))
-    _one_of("model.attention", v["model.attention"], ("auto", "einsum", "xla", "cudnn"))
+    _one_of("system.param_sharding", v["system.param_sharding"], PARAM_SHARDINGS)
+    _one_of("model.attention", v["model.attention"], ATTENTIONS)
     device = v["system.device"].split(":", 1)[0]
     if device not in DEVICES:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
@@ -361,57 +481,9 @@ def build_train_config(cfg: Any) -> TrainConfig:
     tasks = _names("tasks", v["tasks"])
     tasks = tasks[0] if len(tasks) == 1 and "-x" not in tasks[0] else tasks  # a task-set name
     v["tasks"], v["data.eval_splits"] = tasks, splits  # parsed forms, also in `raw`
+    v["dataset.extra_datasets"] = tuple(v["dataset.extra_datasets"])
+    v["dataset.augmentation.speed_change_factors"] = tuple(
+        float(f) for f in v["dataset.augmentation.speed_change_factors"])
 
-    model = ModelSettings(
-        n_layer=v["model.n_layer"], n_head=v["model.n_head"], n_embd=v["model.n_embd"],
-        dropout=v["model.dropout"], bias=v["model.bias"], context_size=v["model.context_size"],
-        use_time_embedding=v["model.use_time_embedding"],
-        one_hot_embedding=v["model.one_hot_embedding"], attention=v["model.attention"],
-        remat=v["model.remat"])
-    optim = OptimSettings(
-        gradient_accumulation_steps=v["optimizer.gradient_accumulation_steps"],
-        max_iters=v["optimizer.max_iters"], weight_decay=v["optimizer.weight_decay"],
-        grad_clip=v["optimizer.grad_clip"], beta1=v["optimizer.beta1"],
-        beta2=v["optimizer.beta2"], learning_rate=v["lr.learning_rate"], min_lr=v["lr.min_lr"],
-        warmup_iters=v["lr.warmup_iters"], decay_lr=v["lr.decay_lr"],
-        lr_decay_iters=v["lr.lr_decay_iters"])
-    data_kwargs = {
-        "stage": v["stage"],
-        "loss_masking": v["loss_masking"],
-        "tasks": tasks,
-        "base_dataset_name": v["dataset.base_dataset_name"],
-        "extra_datasets": tuple(v["dataset.extra_datasets"]),
-        "pause_detection_threshold": v["dataset.pause_detection_threshold"],
-        "speed_change_factors": tuple(float(f) for f in
-                                      v["dataset.augmentation.speed_change_factors"]),
-        "max_pitch_shift": v["dataset.augmentation.max_pitch_shift"],
-        "batch_size": v["data.batch_size"],
-        "context_size": v["data.context_size"],
-        "notes_per_record": v["data.notes_per_record"],
-        "data_workers": v["system.data_workers"],
-        "seed": v["seed"],
-        "use_time_steps": v["model.use_time_embedding"],
-        "tokenizer_config": {
-            "time_unit": v["tokenizer.time_unit"],
-            "max_time_step": v["tokenizer.max_time_step"],
-            "n_velocity_bins": v["tokenizer.n_velocity_bins"],
-            "n_special_ids": v["tokenizer.n_special_ids"],
-        },
-        "eval_splits": splits,
-        "prompt_layout": v["data.prompt_layout"],
-    }
-    raw = nest({key: (list(val) if isinstance(val, tuple) else val) for key, val in v.items()})
-    return TrainConfig(
-        out_dir=v["out_dir"], seed=v["seed"], stage=v["stage"], init_from=v["init_from"],
-        init_optimizer=v["init_optimizer"],
-        loss_masking=v["loss_masking"], model=model, optim=optim, data_kwargs=data_kwargs,
-        platform=DEVICES[device], dtype=v["system.dtype"], compile=v["system.compile"],
-        param_sharding=v["system.param_sharding"],
-        ddp_backend=DDP_BACKENDS[v["ddp.backend"]], ddp_timeout_s=v["ddp.timeout_s"],
-        eval_interval=v["eval_interval"],
-        eval_iters=v["eval_iters"], eval_only=v["eval_only"], overwrite=v["overwrite"],
-        nonfinite_patience=v["nonfinite_patience"], eval_metrics=v["eval_metrics"],
-        eval_examples=v["eval_examples"], keep_last=v["checkpoint.keep_last"],
-        export_torch=v["checkpoint.export_torch"], wandb_log=v["logging.wandb_log"],
-        wandb_project=v["logging.wandb_project"], wandb_entity=v["logging.wandb_entity"],
-        log_interval=v["logging.log_interval"], raw=raw)
+    raw = {key: (tuple(val) if isinstance(val, list) else val) for key, val in v.items()}
+    return _build(TrainConfig, raw)

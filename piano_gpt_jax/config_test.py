@@ -24,12 +24,13 @@ def test_every_preset_is_valid_and_complete(preset):
 def test_full_recipe_and_tiny_preset_values():
     full = build_train_config(get_config())
     assert (full.model.n_layer, full.model.n_head, full.model.n_embd) == (12, 12, 768)
-    assert full.dtype == "bfloat16" and full.platform == "cuda" and full.stage == "piano_task"
-    assert full.data_kwargs["base_dataset_name"] == "epr-labs/maestro-sustain-v2"
-    assert full.data_kwargs["context_size"] == 2048 and full.data_kwargs["tasks"] == "piano_default"
+    assert full.system.dtype == "bfloat16" and full.platform == "cuda"
+    assert full.stage == "piano_task"
+    assert full.dataset.base_dataset_name == "epr-labs/maestro-sustain-v2"
+    assert full.data.context_size == 2048 and full.tasks == "piano_default"
     tiny = build_train_config(get_config("tiny"))
-    assert tiny.platform == "cpu" and tiny.data_kwargs["base_dataset_name"] == "builtin"
-    assert full.data_kwargs["prompt_layout"] == "auto"
+    assert tiny.platform == "cpu" and tiny.dataset.base_dataset_name == "builtin"
+    assert full.data_settings().prompt_layout == "auto"
     cfg = get_config("tiny")
     cfg.data.prompt_layout = "f37ac14"
     assert build_train_config(cfg).data_settings().prompt_layout == "plain"  # old name
@@ -38,7 +39,7 @@ def test_full_recipe_and_tiny_preset_values():
 def test_lr_decay_iters_follows_max_iters():
     cfg = get_config("tiny")
     cfg.optimizer.max_iters = 123
-    assert build_train_config(cfg).optim.lr_decay_iters == 123
+    assert build_train_config(cfg).lr.lr_decay_iters == 123
 
 
 def _error(mutate) -> str:
@@ -108,13 +109,13 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
 def test_task_lists_from_the_command_line(text, want):
     cfg = get_config("tiny")
     cfg.tasks = text
-    assert build_train_config(cfg).data_kwargs["tasks"] == want
+    assert build_train_config(cfg).data_settings().tasks == want
 
 
 def test_eval_splits_from_the_command_line():
     cfg = get_config("tiny")
     cfg.data.eval_splits = "('full_val', 'bach')"
-    assert build_train_config(cfg).data_kwargs["eval_splits"] == ("full_val", "bach")
+    assert build_train_config(cfg).data_settings().eval_splits == ("full_val", "bach")
     cfg.data.eval_splits = "('full_val'"
     with pytest.raises(ConfigError, match="data.eval_splits"):
         build_train_config(cfg)

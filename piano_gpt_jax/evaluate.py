@@ -16,6 +16,7 @@ out of that metric's mean, and `n_nan/<metric>` says how often.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -111,28 +112,30 @@ def data_settings_for_checkpoint(ck, dataset: str | None = None, stage: str | No
     Only one process's view is needed here, and no extra training datasets.
     """
     from piano_gpt_jax.config import ConfigError, build_train_config
-    from piano_gpt_jax.data.pipeline import DataSettings
+    from piano_gpt_jax.data.settings import DataSettings
 
-    kwargs: dict[str, Any] = {}
+    run = None
     if ck.meta.config:  # ours, or translated from piano-gpt's run_config
         try:
-            kwargs = dict(build_train_config(ck.meta.config).data_kwargs)
+            run = build_train_config(ck.meta.config)
         except ConfigError:  # e.g. a piano-gpt config our validation rejects: defaults
-            kwargs = {}
-    if not kwargs:
-        kwargs = {"stage": "piano_task", "base_dataset_name": "builtin", "batch_size": 1}
-    kwargs.update(context_size=min(int(kwargs.get("context_size") or 10**9),
-                                   ck.model_config.context_size),
-                  use_time_steps=ck.model_config.use_time_embedding, extra_datasets=(),
-                  data_workers=0, shard_index=0, shard_count=1, max_pitch_shift=0,
-                  speed_change_factors=())
+            run = None
+    overrides: dict[str, Any] = dict(
+        use_time_steps=ck.model_config.use_time_embedding, extra_datasets=(), data_workers=0,
+        shard_index=0, shard_count=1, max_pitch_shift=0, speed_change_factors=())
     if dataset:
-        kwargs["base_dataset_name"] = dataset
+        overrides["base_dataset_name"] = dataset
     if stage:
-        kwargs["stage"] = stage
+        overrides["stage"] = stage
         if stage != "piano_task":
-            kwargs["loss_masking"] = "pretraining"
-    return DataSettings(**kwargs)
+            overrides["loss_masking"] = "pretraining"
+    if run is None:
+        settings = DataSettings(**{"stage": "piano_task", "base_dataset_name": "builtin",
+                                   "batch_size": 1, **overrides})
+    else:
+        settings = run.data_settings(**overrides)
+    return dataclasses.replace(
+        settings, context_size=min(settings.context_size, ck.model_config.context_size))
 
 
 def piano_task_refusal(ck) -> str | None:

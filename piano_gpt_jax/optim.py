@@ -6,35 +6,25 @@ counter: the first optimizer update uses `learning_rate / warmup_iters`, not 0.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from piano_gpt_jax.config import OptimSettings
 
-
-def reference_lr(it: int, s: OptimSettings) -> float:
-    """The reference formula for 1-based iteration `it`, in plain Python (for logs and tests)."""
-    if not s.decay_lr:
-        return s.learning_rate
-    if it < s.warmup_iters:
-        return s.learning_rate * it / s.warmup_iters
-    if it > s.lr_decay_iters:
-        return s.min_lr
-    span = s.lr_decay_iters - s.warmup_iters
-    ratio = 0.0 if span <= 0 else (it - s.warmup_iters) / span  # warmup == decay: no cosine
-    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.learning_rate - s.min_lr)
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which piano-gpt keeps
 
 
 def make_schedule(s: OptimSettings) -> optax.Schedule:
-    """optax schedule of the 0-based update count; update `count` is reference iteration count+1."""
-    if not s.decay_lr:
-        return optax.constant_schedule(s.learning_rate)
-    lr, min_lr = s.learning_rate, s.min_lr
-    warmup, decay = float(s.warmup_iters), float(s.lr_decay_iters)
-    span = max(decay - warmup, 1.0)
+    """optax schedule of the 0-based update count; update `count` is reference iteration
+    count + 1. This is the schedule that runs, and the one the logs show (`lr_at`); the
+    reference's Python formula is the tests' oracle for it (optim_test.py)."""
+    lr_cfg = s.lr
+    if not lr_cfg.decay_lr:
+        return optax.constant_schedule(lr_cfg.learning_rate)
+    lr, min_lr = lr_cfg.learning_rate, lr_cfg.min_lr
+    warmup, decay = float(lr_cfg.warmup_iters), float(lr_cfg.lr_decay_iters)
+    span = max(decay - warmup, 1.0)  # warmup == decay: no cosine (the reference divides by 0)
 
     def schedule(count):
         it = jnp.asarray(count, jnp.float32) + 1.0
@@ -44,6 +34,11 @@ def make_schedule(s: OptimSettings) -> optax.Schedule:
         return jnp.where(it < warmup, warm, jnp.where(it > decay, min_lr, cosine))
 
     return schedule
+
+
+def lr_at(s: OptimSettings, step: int) -> float:
+    """The learning rate of update `step` (1-based; 0 reads as 1): what the logs report."""
+    return float(make_schedule(s)(max(int(step), 1) - 1))
 
 
 def decay_mask(params) -> dict:
@@ -57,12 +52,13 @@ def make_optimizer(s: OptimSettings) -> optax.GradientTransformation:
     One `update` call consumes one micro-batch's gradients; the inner chain runs once every
     `gradient_accumulation_steps` calls, on the mean of the accumulated gradients.
     """
+    o = s.optimizer
     parts = []
-    if s.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(s.grad_clip))
-    parts.append(optax.adamw(learning_rate=make_schedule(s), b1=s.beta1, b2=s.beta2, eps=1e-8,
-                             weight_decay=s.weight_decay, mask=decay_mask))
-    return optax.MultiSteps(optax.chain(*parts), every_k_schedule=s.gradient_accumulation_steps)
+    if o.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(o.grad_clip))
+    parts.append(optax.adamw(learning_rate=make_schedule(s), b1=o.beta1, b2=o.beta2,
+                             eps=ADAM_EPS, weight_decay=o.weight_decay, mask=decay_mask))
+    return optax.MultiSteps(optax.chain(*parts), every_k_schedule=o.gradient_accumulation_steps)
 
 
 def adam_state(opt_state) -> tuple[optax.ScaleByAdamState, jax.Array]:
@@ -117,4 +113,4 @@ def with_adam_state(opt_state, count: int, mu, nu, updates_done: int):
 def schedule_lr(s: OptimSettings, updates_done: int) -> float:
     """The learning rate the schedule gave the last of `updates_done` updates (the first
     update's for 0): what torch's AdamW param groups hold after that update."""
-    return float(make_schedule(s)(max(int(updates_done) - 1, 0)))
+    return lr_at(s, updates_done)

@@ -78,7 +78,7 @@ def maybe_init_distributed(cfg: TrainConfig) -> None:
     )
     if not (cfg.ddp_backend == "jax_distributed" or cluster):
         return
-    kwargs: dict[str, Any] = {"initialization_timeout": cfg.ddp_timeout_s}
+    kwargs: dict[str, Any] = {"initialization_timeout": cfg.ddp.timeout_s}
     where = "the cluster's coordinator"
     if "JAX_COORDINATOR_ADDRESS" in env:
         try:
@@ -95,13 +95,13 @@ def maybe_init_distributed(cfg: TrainConfig) -> None:
     if kwargs.get("process_id"):
         # JAX aborts the whole process (no exception) when the coordinator never answers, so a
         # non-coordinator process first waits for the coordinator's port itself.
-        _wait_for_coordinator(kwargs["coordinator_address"], cfg.ddp_timeout_s, where)
+        _wait_for_coordinator(kwargs["coordinator_address"], cfg.ddp.timeout_s, where)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 — timeouts and connection errors of many kinds
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise UsageError(
-            f"could not join {where} within ddp.timeout_s={cfg.ddp_timeout_s} s ({reason}); "
+            f"could not join {where} within ddp.timeout_s={cfg.ddp.timeout_s} s ({reason}); "
             "start every process of the job with the same address, or check that the "
             "coordinator (process 0) is running and reachable.") from None
 
@@ -155,7 +155,7 @@ def _model_config(cfg: TrainConfig, vocab_size: int, arch: dict | None = None):
             "vocab_size")
     # one_hot_embedding None = gather: benchmarks/train_step.py measured it faster than the
     # one-hot matmul on XLA:CPU at the piano vocabulary (2265 tokens); accelerators gather cheaply.
-    return ModelConfig(**{k: arch[k] for k in keys}, dropout=m.dropout, dtype=cfg.dtype,
+    return ModelConfig(**{k: arch[k] for k in keys}, dropout=m.dropout, dtype=cfg.system.dtype,
                        one_hot_embedding=bool(m.one_hot_embedding), attention=m.attention,
                        remat=m.remat)
 
@@ -165,13 +165,13 @@ def _check_compatible(model_config, tokenizer, cfg: TrainConfig, source: str) ->
         raise UsageError(
             f"{source}: the model has {model_config.vocab_size} token embeddings but the tokenizer "
             f"needs {tokenizer.vocab_size} (its vocabulary plus the special tokens of stage="
-            f"{cfg.stage!r}, tasks={cfg.data_kwargs['tasks']!r}). Use a checkpoint whose "
+            f"{cfg.stage!r}, tasks={cfg.tasks!r}). Use a checkpoint whose "
             "tokenizer has room for these tokens, or train from scratch_next_token.")
-    if cfg.data_kwargs["context_size"] > model_config.context_size:
+    if cfg.data.context_size > model_config.context_size:
         raise UsageError(
-            f"{source}: data.context_size ({cfg.data_kwargs['context_size']}) exceeds the "
+            f"{source}: data.context_size ({cfg.data.context_size}) exceeds the "
             f"model's context_size ({model_config.context_size}); lower data.context_size.")
-    if model_config.use_time_embedding != cfg.data_kwargs["use_time_steps"]:
+    if model_config.use_time_embedding != cfg.model.use_time_embedding:
         raise UsageError(
             f"{source}: the model {'has' if model_config.use_time_embedding else 'lacks'} a "
             "music-time embedding; set --config.model.use_time_embedding="
@@ -194,9 +194,9 @@ def _make_mesh(cfg: TrainConfig):
     """The data-parallel mesh; UsageError (not a traceback) if the batch cannot be split on it."""
     from piano_gpt_jax.sharding import check_batch_divisible, make_mesh
 
-    mesh = make_mesh(param_sharding=cfg.param_sharding)
+    mesh = make_mesh(param_sharding=cfg.system.param_sharding)
     try:
-        check_batch_divisible(cfg.data_kwargs["batch_size"], mesh)
+        check_batch_divisible(cfg.data.batch_size, mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return mesh
@@ -253,7 +253,7 @@ def eval_only(cfg: TrainConfig) -> dict:
     _check_compatible(model_config, tokenizer, cfg, source)
     mesh = _make_mesh(cfg)
     params = place(jax.tree_util.tree_map(np.asarray, ck.params), mesh)
-    _, eval_fn = compile_steps(None, make_eval_step(model_config), mesh, use_jit=cfg.compile,
+    _, eval_fn = compile_steps(None, make_eval_step(model_config), mesh, use_jit=cfg.system.compile,
                                state_like={"params": params})
     losses = evaluate_losses(eval_fn, params, _eval_batches(cfg, pipeline, mesh))
     print(_format_table(losses, f"validation loss of {source} (step {ck.step}, "
@@ -340,15 +340,15 @@ def _continue_optimizer(state: dict, init, cfg: TrainConfig) -> dict:
     adam = init.optimizer
     opt_state = with_adam_state(jax.device_get(state["opt_state"]), adam.count, adam.mu, adam.nu,
                                 updates_done=init.meta.step)
-    micro_step = init.meta.step * cfg.optim.gradient_accumulation_steps
+    micro_step = init.meta.step * cfg.optimizer.gradient_accumulation_steps
     return {**state, "opt_state": opt_state,
             "micro_step": np.asarray(micro_step, np.asarray(state["micro_step"]).dtype)}
 
 
 def _note_optimizer_differences(adam, cfg: TrainConfig, run_log) -> None:
     """init_optimizer keeps our config's hyper-parameters; say where the file's differ."""
-    ours = {"beta1": cfg.optim.beta1, "beta2": cfg.optim.beta2,
-            "weight_decay": cfg.optim.weight_decay, "eps": 1e-8}
+    ours = {"beta1": cfg.optimizer.beta1, "beta2": cfg.optimizer.beta2,
+            "weight_decay": cfg.optimizer.weight_decay, "eps": 1e-8}
     theirs = {"beta1": adam.b1, "beta2": adam.b2, "weight_decay": adam.weight_decay,
               "eps": adam.eps}
     diffs = [f"{k} {theirs[k]:g} -> {ours[k]:g}" for k in ours
@@ -456,7 +456,7 @@ def _train(cfg: TrainConfig) -> dict:
     from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, TrainCheckpointer
     from piano_gpt_jax.checkpoints.run_dir import has_steps
     from piano_gpt_jax.model import count_params
-    from piano_gpt_jax.optim import make_optimizer, reference_lr
+    from piano_gpt_jax.optim import lr_at, make_optimizer
     from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, truncate_metrics
     from piano_gpt_jax.train_step import (
         Precision,
@@ -472,13 +472,13 @@ def _train(cfg: TrainConfig) -> dict:
     except out_dir_lib.OutDirError as e:
         raise UsageError(str(e)) from None
     mesh = _make_mesh(cfg)
-    tx, precision = make_optimizer(cfg.optim), Precision(cfg.dtype)
+    tx, precision = make_optimizer(cfg.optim), Precision(cfg.system.dtype)
     notes: list[str] = []
     guarded = False
     if not has_steps(out_dir):  # nothing to resume: protect an earlier run before writing
         notes += _guard_new_run(out_dir, cfg, main_process)
         guarded = True
-    ckpt = TrainCheckpointer(out_dir, cfg.keep_last)
+    ckpt = TrainCheckpointer(out_dir, cfg.checkpoint.keep_last)
     try:
         start = _resolve_start(cfg, ckpt, mesh, tx, precision, notes)
         if start.resumed is None and not guarded:  # every checkpoint was damaged
@@ -497,17 +497,17 @@ def _train(cfg: TrainConfig) -> dict:
 
         train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
                                           make_eval_step(model_config), mesh,
-                                          use_jit=cfg.compile, state_like=state)
+                                          use_jit=cfg.system.compile, state_like=state)
         eval_batches = _eval_batches(cfg, pipeline, mesh)
         if main_process:
             truncate_metrics(out_dir / out_dir_lib.METRICS, resume_step)
         wandb_settings = None
-        if cfg.wandb_log:
-            wandb_settings = {"project": cfg.wandb_project, "entity": cfg.wandb_entity,
-                              "name": out_dir.name,
+        if cfg.logging.wandb_log:
+            wandb_settings = {"project": cfg.logging.wandb_project,
+                              "entity": cfg.logging.wandb_entity, "name": out_dir.name,
                               "id": out_dir_lib.wandb_id_for_logging(out_dir),
                               "dir": str(out_dir)}
-        run_log = RunLog(out_dir, total_steps=cfg.optim.max_iters, start_step=progress.step,
+        run_log = RunLog(out_dir, total_steps=cfg.optimizer.max_iters, start_step=progress.step,
                          main_process=main_process, wandb_settings=wandb_settings,
                          run_config=dict(cfg.raw))
     except BaseException:
@@ -515,7 +515,7 @@ def _train(cfg: TrainConfig) -> dict:
         raise
     for note in notes:
         run_log.note(note)
-    gas = cfg.optim.gradient_accumulation_steps
+    gas = cfg.optimizer.gradient_accumulation_steps
     tokens_per_step = settings.batch_size * settings.context_size * gas
     n_params = count_params(state["params"], include_position=False)
     flops_token = flops_per_token(n_params, model_config.n_layer, model_config.n_head,
@@ -525,7 +525,7 @@ def _train(cfg: TrainConfig) -> dict:
     run_log.note(f"model: {n_params / 1e6:.2f}M params ({start.source}); vocab "
                  f"{tokenizer.vocab_size}; {n_devices} x {device_kind}; global batch "
                  f"{settings.batch_size} x {gas} x {settings.context_size} tokens; dtype "
-                 f"{cfg.dtype}; eval splits {pipeline.eval_split_names}"
+                 f"{cfg.system.dtype}; eval splits {pipeline.eval_split_names}"
                  + (f"; prompt layout {pipeline.prompt_layout}"
                     if settings.stage == "piano_task" else ""))
     run_log.note(_layout_line(mesh, state, cfg))
@@ -541,7 +541,7 @@ def _train(cfg: TrainConfig) -> dict:
         losses = evaluate_losses(eval_fn, state["params"], eval_batches)
         event = {"step": at_step, "val_loss": losses.get("full_val", next(iter(losses.values()))),
                  **{f"val_loss/{k}": v for k, v in losses.items()},
-                 "lr": reference_lr(max(at_step, 1), cfg.optim), "tokens": progress.total_tokens}
+                 "lr": lr_at(cfg.optim, at_step), "tokens": progress.total_tokens}
         if train_losses:
             event["train_loss"] = float(np.mean([float(x) for x in train_losses]))
         run_log.event({"event": "eval", **event})
@@ -575,12 +575,12 @@ def _train(cfg: TrainConfig) -> dict:
     losses_since_eval: list = []
     # Consecutive updates with a non-finite loss, counted on the device: read only at checks.
     nonfinite = jnp.zeros((), jnp.int32)
-    check_every = max(1, min(cfg.log_interval, cfg.nonfinite_patience))
+    check_every = max(1, min(cfg.logging.log_interval, cfg.nonfinite_patience))
     last_log_time, last_log_step = time.perf_counter(), progress.step
     last_saved = resume_step
     try:
         with _StopRequest() as stop:
-            while progress.step < cfg.optim.max_iters:
+            while progress.step < cfg.optimizer.max_iters:
                 step_losses = []
                 for _ in range(gas):
                     batch = shard_batch(next(iterator), mesh)
@@ -593,20 +593,20 @@ def _train(cfg: TrainConfig) -> dict:
                 nonfinite = jnp.where(jnp.isfinite(step_loss), 0, nonfinite + 1)
                 losses_since_eval.append(step_loss)
                 run_log.advance()
-                is_eval = step % cfg.eval_interval == 0 or step == cfg.optim.max_iters
+                is_eval = step % cfg.eval_interval == 0 or step == cfg.optimizer.max_iters
                 bad = 0
                 if is_eval or step % check_every == 0:
                     bad = int(nonfinite)
                     if bad >= cfg.nonfinite_patience:
                         _stop_nonfinite(step, bad, cfg, ckpt, out_dir)
-                if step % cfg.log_interval == 0 or step == cfg.optim.max_iters:
+                if step % cfg.logging.log_interval == 0 or step == cfg.optimizer.max_iters:
                     loss_value = float(step_loss)  # blocks: the timing below covers real work
                     now = time.perf_counter()
                     dt = (now - last_log_time) / max(step - last_log_step, 1)
                     last_log_time, last_log_step = now, step
                     tps = tokens_per_step / dt
                     mfu_value = mfu(tps, flops_token, device_kind, n_devices)
-                    lr = reference_lr(step, cfg.optim)
+                    lr = lr_at(cfg.optim, step)
                     extra = ""
                     if precision.loss_scaling:
                         extra = f" | scale {float(metrics['loss_scale']):.0f}"
@@ -635,7 +635,7 @@ def _train(cfg: TrainConfig) -> dict:
                         f"interrupted ({stop.signal_name or 'by another process'}) at step "
                         f"{step}; checkpoint {step} is written: run the same command to resume.")
         _checkpoint_io(ckpt.wait, progress.step, ckpt, out_dir)
-        if cfg.export_torch and ckpt.latest_step() is not None:
+        if cfg.checkpoint.export_torch and ckpt.latest_step() is not None:
             _export(ckpt, state, model_config, cfg, out_dir, run_log, write=main_process)
     except CheckpointWriteError:
         run_log.close()
@@ -661,9 +661,9 @@ def _layout_line(mesh, state: dict, cfg: TrainConfig) -> str:
     shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
     params_b = bytes_per_device(state["params"])
     rest_b = bytes_per_device({k: v for k, v in state.items() if k != "params"})
-    line = (f"mesh {shape} over {jax.process_count()} process(es); parameters "
-            f"{'sharded (fsdp)' if cfg.param_sharding == 'fsdp' else 'replicated'}; per device: "
-            f"params {params_b / 2**20:.1f} MiB + optimizer state {rest_b / 2**20:.1f} MiB")
+    layout = "sharded (fsdp)" if cfg.system.param_sharding == "fsdp" else "replicated"
+    line = (f"mesh {shape} over {jax.process_count()} process(es); parameters {layout}; per "
+            f"device: params {params_b / 2**20:.1f} MiB + optimizer state {rest_b / 2**20:.1f} MiB")
     left = unsharded_matrices(state["params"], mesh.shape[FSDP_AXIS])
     if left:
         line += (f"; replicated because no dimension divides by {mesh.shape[FSDP_AXIS]}: "
@@ -687,7 +687,7 @@ def _stop_agreed(requested: bool, step: int, cfg: TrainConfig) -> bool:
 
     if jax.process_count() == 1:
         return requested
-    if step % cfg.log_interval and step != cfg.optim.max_iters:
+    if step % cfg.logging.log_interval and step != cfg.optimizer.max_iters:
         return False
     from jax.experimental import multihost_utils
 
@@ -797,8 +797,8 @@ def _exportable(ckpt, step: int, state_like: dict, state, model_config, cfg: Tra
     adam, _ = adam_state(host["opt_state"])
     f32 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
     optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),
-                          lr=schedule_lr(cfg.optim, run_meta.step), b1=cfg.optim.beta1,
-                          b2=cfg.optim.beta2, eps=1e-8, weight_decay=cfg.optim.weight_decay)
+                          lr=schedule_lr(cfg.optim, run_meta.step), b1=cfg.optimizer.beta1,
+                          b2=cfg.optimizer.beta2, eps=1e-8, weight_decay=cfg.optimizer.weight_decay)
     # Export the architecture only: the compute dtype / embedding style are runtime choices.
     arch = dataclasses.replace(model_config, dtype="float32", one_hot_embedding=False,
                                attention="auto", remat=False)

@@ -23,7 +23,7 @@ from piano_gpt_jax.train_step import (
 )
 
 CFG = ModelConfig(vocab_size=48, n_layer=2, n_head=2, n_embd=32, context_size=32)
-OPT = OptimSettings(gradient_accumulation_steps=1, max_iters=10, weight_decay=0.1, grad_clip=1.0,
+OPT = OptimSettings.of(gradient_accumulation_steps=1, max_iters=10, weight_decay=0.1, grad_clip=1.0,
                     beta1=0.9, beta2=0.95, learning_rate=1e-3, min_lr=1e-4, warmup_iters=2,
                     decay_lr=True, lr_decay_iters=10)
 
@@ -70,7 +70,7 @@ def test_accumulating_two_halves_equals_one_full_batch():
     full = make_batch(3, batch=8)
     halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
     train1, _, s1, mesh = steps()
-    train2, _, s2, _ = steps(opt=dataclasses.replace(OPT, gradient_accumulation_steps=2))
+    train2, _, s2, _ = steps(opt=OPT.replace(gradient_accumulation_steps=2))
     for _ in range(3):  # three optimizer updates each
         s1, m1 = train1(s1, shard_batch(full, mesh))
         losses = []
@@ -84,7 +84,7 @@ def test_accumulating_two_halves_equals_one_full_batch():
 
 
 def test_training_lowers_the_loss_and_eval_matches_loss():
-    opt = dataclasses.replace(OPT, decay_lr=False, learning_rate=3e-3)
+    opt = OPT.replace(decay_lr=False, learning_rate=3e-3)
     train, evaluate, state, mesh = steps(opt=opt)
     b = shard_batch(make_batch(5), mesh)
     s, n = evaluate(state["params"], b)

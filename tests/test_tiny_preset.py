@@ -20,14 +20,15 @@ from piano_gpt_jax.train_step import token_loss
 
 def test_tiny_preset_numbers(maestro_dataset):
     tc = build_train_config(get_config("tiny"))
-    m, o = tc.model, tc.optim
+    m, o, lr = tc.model, tc.optimizer, tc.lr
     assert (m.n_layer, m.n_head, m.n_embd, m.context_size) == (4, 4, 128, 256)
-    assert (tc.data_kwargs["batch_size"], tc.data_kwargs["context_size"]) == (16, 256)
-    assert tc.data_kwargs["notes_per_record"] == 48 and tc.stage == "piano_task"
-    assert tc.data_kwargs["base_dataset_name"] == "builtin"
+    assert (tc.data.batch_size, tc.data.context_size) == (16, 256)
+    assert tc.data.notes_per_record == 48 and tc.stage == "piano_task"
+    assert tc.dataset.base_dataset_name == "builtin"
     assert (o.max_iters, o.gradient_accumulation_steps) == (600, 1)
-    assert (o.learning_rate, o.min_lr, o.warmup_iters, o.lr_decay_iters) == (1e-3, 1e-4, 40, 600)
-    assert (tc.eval_interval, tc.dtype, tc.platform) == (200, "float32", "cpu")
+    assert (lr.learning_rate, lr.min_lr, lr.warmup_iters, lr.lr_decay_iters) == (1e-3, 1e-4, 40,
+                                                                                600)
+    assert (tc.eval_interval, tc.system.dtype, tc.platform) == (200, "float32", "cpu")
 
     # The same records from the real MAESTRO import instead of the built-in dataset (whose
     # first build takes ~30 s): the vocabulary, hence the model, is the same.

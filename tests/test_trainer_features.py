@@ -80,13 +80,14 @@ def base(maestro_dataset, tmp_path_factory) -> dict:
 def test_logged_lr_is_the_reference_schedule(base):
     train_events = events(base["out"], "train")
     assert [e["step"] for e in train_events] == [1, 2, 3, 4]
+    # The log shows the schedule that ran, computed in float32 inside the step (a few ulp).
     for e in train_events:
-        assert e["lr"] == pytest.approx(schedule(e["step"]), rel=1e-9), e
+        assert e["lr"] == pytest.approx(schedule(e["step"]), rel=3e-7), e
     # the first update uses lr / warmup, not 0; step 4 is on the cosine (4 of 2..6)
     assert train_events[0]["lr"] == pytest.approx(1.5e-3)
     assert train_events[3]["lr"] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 2.7e-3)
     for e in events(base["out"], "eval"):
-        assert e["lr"] == pytest.approx(schedule(max(e["step"], 1)), rel=1e-9), e
+        assert e["lr"] == pytest.approx(schedule(max(e["step"], 1)), rel=3e-7), e
 
 
 def test_init_from_our_run_directory_without_export(base, tmp_path):

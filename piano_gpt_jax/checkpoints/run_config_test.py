@@ -57,7 +57,7 @@ def test_reference_schema_translates_to_ours():
                               "data_workers": 16}
     assert ours["lr"] == {"learning_rate": 3e-5, "decay_lr": False}
     assert ours["tokenizer"]["n_special_ids"] == 1024 and ours["out_dir"] == "tmp/checkpoints"
-    assert build_train_config(ours).optim.gradient_accumulation_steps == 8  # valid as ours
+    assert build_train_config(ours).optimizer.gradient_accumulation_steps == 8  # valid as ours
 
 
 @pytest.mark.parametrize("form", ["ours_nested_under_key", "ours_flat", "legacy", "reference"])

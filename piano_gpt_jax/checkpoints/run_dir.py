@@ -163,7 +163,7 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
 
 def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
     from piano_gpt_jax.config import ConfigError, build_train_config
-    from piano_gpt_jax.optim import adam_state, make_optimizer, schedule_lr
+    from piano_gpt_jax.optim import ADAM_EPS, adam_state, make_optimizer, schedule_lr
     from piano_gpt_jax.train_step import Precision, init_train_state
 
     try:
@@ -187,9 +187,10 @@ def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) 
                                 f"({_first_line(e)})") from None
     adam, _ = adam_state(train["opt_state"])
     host = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
+    o = optim.optimizer
     return AdamState(count=int(adam.count), mu=host(adam.mu), nu=host(adam.nu),
-                     lr=schedule_lr(optim, record.meta.step), b1=optim.beta1, b2=optim.beta2,
-                     eps=1e-8, weight_decay=optim.weight_decay)
+                     lr=schedule_lr(optim, record.meta.step), b1=o.beta1, b2=o.beta2,
+                     eps=ADAM_EPS, weight_decay=o.weight_decay)
 
 
 def load_any_checkpoint(path: str | Path, with_optimizer: bool = False) -> CheckpointRecord:

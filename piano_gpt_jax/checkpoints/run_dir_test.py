@@ -158,4 +158,5 @@ def test_keeps_last_n_and_the_best_and_never_a_nan_best(tmp_path):
     adam, _ = adam_state(state["opt_state"])
     assert with_adam.optimizer.count == int(adam.count) == 1
     assert _same(with_adam.optimizer.mu, adam.mu) and _same(with_adam.optimizer.nu, adam.nu)
-    assert (with_adam.optimizer.b1, with_adam.optimizer.b2) == (OPT.beta1, OPT.beta2)
+    adamw = with_adam.optimizer
+    assert (adamw.b1, adamw.b2) == (OPT.optimizer.beta1, OPT.optimizer.beta2)

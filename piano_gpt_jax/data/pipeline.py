@@ -9,92 +9,30 @@ the validation records, identical on every call, so validation losses are compar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 
+from piano_gpt_jax.config import TokenizerSection
 from piano_gpt_jax.data import loader
-from piano_gpt_jax.data.records import Augmentation, NextTokenRecords, PianoTaskRecords, PieceStore
+from piano_gpt_jax.data.records import NextTokenRecords, PianoTaskRecords, PieceStore
+from piano_gpt_jax.data.settings import DataSettings  # noqa: F401 — the pipeline's input
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.layouts import (
     ANNOTATED,
     EOGENAI,
     GENAI,
-    check_prompt_layout,
     detect_prompt_layout,
     layout_prefix_tokens,
 )
 from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
 from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
-DEFAULT_TOKENIZER_CONFIG = {
-    "time_unit": 0.01,
-    "max_time_step": 1.0,
-    "n_velocity_bins": 32,
-    "n_special_ids": 2048,
-}
 COMPOSER_SPLITS = ("bach", "chopin", "mozart")
 REFERENCE_MAX_N_NOTES = 168  # the reference's <N_NOTES_k> range; keeps its vocabulary layout
 EVAL_SEED = 1337
-STAGES = ("next_token_pretraining", "piano_task")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    stage: str = "piano_task"
-    loss_masking: str = "pretraining"
-    tasks: Any = "piano_default"
-    base_dataset_name: str = "builtin"
-    extra_datasets: tuple[str, ...] = ()
-    pause_detection_threshold: float = 4.0
-    speed_change_factors: tuple[float, ...] = ()
-    max_pitch_shift: int = 0
-    batch_size: int = 32
-    context_size: int = 2048
-    notes_per_record: int = 128
-    data_workers: int = 0
-    seed: int = 1337
-    use_time_steps: bool = False
-    tokenizer_config: dict = field(default_factory=lambda: dict(DEFAULT_TOKENIZER_CONFIG))
-    eval_splits: Any = "auto"
-    prompt_layout: str = "auto"  # "auto" | "annotated" | "plain" (see resolve_prompt_layout)
-    shard_index: int = field(default_factory=jax.process_index)
-    shard_count: int = field(default_factory=jax.process_count)
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.loss_masking not in ("pretraining", "finetuning"):
-            raise ValueError(
-                f"loss_masking must be 'pretraining' or 'finetuning', got {self.loss_masking!r}"
-            )
-        if self.prompt_layout != "auto":  # canonical name (old names are aliases)
-            try:
-                object.__setattr__(self, "prompt_layout", check_prompt_layout(self.prompt_layout))
-            except ValueError as e:
-                raise ValueError(f"prompt_layout: {e} (or 'auto')") from None
-        if self.batch_size % self.shard_count:
-            raise ValueError(
-                f"data batch_size {self.batch_size} must be divisible by the number of JAX "
-                f"processes ({self.shard_count})"
-            )
-        for name in ("context_size", "notes_per_record", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"data {name} must be positive, got {getattr(self, name)}")
-        if any(not f > 0 for f in self.speed_change_factors):
-            raise ValueError(f"speed_change_factors must be positive: {self.speed_change_factors}")
-        if self.max_pitch_shift < 0:
-            raise ValueError(f"max_pitch_shift must be >= 0, got {self.max_pitch_shift}")
-
-    @property
-    def host_batch_size(self) -> int:
-        return self.batch_size // self.shard_count
-
-    @property
-    def augmentation(self) -> Augmentation:
-        return Augmentation(int(self.max_pitch_shift), tuple(self.speed_change_factors))
+DEFAULT_TOKENIZER_CONFIG = dataclasses.asdict(TokenizerSection())
 
 
 def _max_n_notes(settings: DataSettings) -> int:
