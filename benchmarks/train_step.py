@@ -44,8 +44,8 @@ def time_jax_step(model_config, batch_np, n_steps: int, dtype: str = "float32") 
     """Seconds per step of our jitted train step (after compilation), data-parallel over devices."""
     from piano_gpt_jax.model import init_params
     from piano_gpt_jax.optim import make_optimizer
+    from piano_gpt_jax.precision import Precision
     from piano_gpt_jax.train_step import (
-        Precision,
         compile_steps,
         init_train_state,
         make_eval_step,

@@ -19,11 +19,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from piano_gpt_jax.precision import DTYPES
+
 STAGES = ("next_token_pretraining", "piano_task")
 LOSS_MASKINGS = ("pretraining", "finetuning")
 PROMPT_LAYOUTS = ("auto", "annotated", "plain", "head", "f37ac14")  # last two: old names
 LAYOUT_ALIASES = {"head": "annotated", "f37ac14": "plain"}  # = music.layouts.LAYOUT_ALIASES
-DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 DDP_BACKENDS = {"auto": "auto", "nccl": "auto", "gloo": "auto",
                 "jax_distributed": "jax_distributed", "none": "none"}

@@ -19,10 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from piano_gpt_jax.precision import compute_dtype
+
 N_TIME_STEPS = 10_000  # rows of the music-time embedding (10 ms grid => 100 s)
 LAYER_NORM_EPS = 1e-5  # torch's default; flax's own default (1e-6) would drift from the twin
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
@@ -50,8 +51,7 @@ class ModelConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "pick an n_head that divides n_embd."
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        compute_dtype(self.dtype)  # validates the name
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                              f"{self.attention!r}")
@@ -62,7 +62,7 @@ class ModelConfig:
 
     @property
     def compute_dtype(self) -> Any:
-        return _DTYPES[self.dtype]
+        return compute_dtype(self.dtype)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -457,9 +457,9 @@ def _train(cfg: TrainConfig) -> dict:
     from piano_gpt_jax.checkpoints.run_dir import has_steps
     from piano_gpt_jax.model import count_params
     from piano_gpt_jax.optim import lr_at, make_optimizer
+    from piano_gpt_jax.precision import Precision
     from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, truncate_metrics
     from piano_gpt_jax.train_step import (
-        Precision,
         compile_steps,
         make_eval_step,
         make_train_step,

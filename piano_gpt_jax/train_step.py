@@ -6,10 +6,9 @@ batch_size x accumulation steps on any number of devices. The batch is split ove
 every process; params and optimizer state are replicated or FSDP-sharded (sharding.py), and XLA
 inserts the collectives.
 
-float16: gradients of a loss multiplied by a dynamic scale; a micro-batch with non-finite gradients
-is skipped (params and optimizer state unchanged, scale halved), so with gradient accumulation
-the next optimizer update is delayed by one micro-batch. After `growth_interval` good micro-steps
-the scale doubles.
+float16 (precision.py): gradients of a loss multiplied by a dynamic scale; a micro-batch with
+non-finite gradients is skipped (params and optimizer state unchanged, scale halved), so with
+gradient accumulation the next optimizer update is delayed by one micro-batch.
 
 State is a plain dict pytree (checkpointable as is):
   params, opt_state, micro_step (int32, micro-batches consumed), rng (uint32[2] base key),
@@ -18,7 +17,6 @@ State is a plain dict pytree (checkpointable as is):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
@@ -27,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from piano_gpt_jax.model import GPT, ModelConfig
+from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.sharding import (  # noqa: F401 — re-exported: the step's layout helpers
     DATA_AXIS,
     batch_sharding,
@@ -37,20 +36,6 @@ from piano_gpt_jax.sharding import (  # noqa: F401 — re-exported: the step's l
     shard_batch,
     tree_shardings,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """float32 and bfloat16 keep float32 master params; float16 adds dynamic loss scaling."""
-
-    dtype: str = "float32"
-    init_scale: float = 2.0**15
-    growth_interval: int = 2000  # good micro-steps before the scale doubles
-    backoff: float = 0.5
-
-    @property
-    def loss_scaling(self) -> bool:
-        return self.dtype == "float16"
 
 
 def token_loss(model_cfg: ModelConfig, params, batch: Mapping[str, jax.Array],

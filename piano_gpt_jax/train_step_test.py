@@ -10,8 +10,8 @@ import pytest
 from piano_gpt_jax.config import OptimSettings
 from piano_gpt_jax.model import ModelConfig, forward, init_params
 from piano_gpt_jax.optim import make_optimizer
+from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.train_step import (
-    Precision,
     check_batch_divisible,
     compile_steps,
     init_train_state,

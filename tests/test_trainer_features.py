@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from converters.testing import reference_lr
+from piano_gpt_jax import precision
 from piano_gpt_jax import train as trainer
-from piano_gpt_jax import train_step
 from piano_gpt_jax.checkpoints import load_model_checkpoint
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.run_log import METRICS_FILE
@@ -183,8 +183,8 @@ def test_float16_loss_scale_survives_a_resume(base, tmp_path, monkeypatch, capsy
     """float16's dynamic loss scale is part of the checkpoint: stopped at step 4 and resumed, the
     run skips the same overflowing step and ends with the same weights as one uninterrupted run.
     The scale doubles every good step here (growth_interval 1), so it overflows soon after 4."""
-    real = train_step.Precision
-    monkeypatch.setattr(train_step, "Precision",
+    real = precision.Precision
+    monkeypatch.setattr(precision, "Precision",
                         lambda dtype="float32", **kw: real(dtype, **{**kw, "growth_interval": 1}))
     f16 = {"system.dtype": "float16"}
 

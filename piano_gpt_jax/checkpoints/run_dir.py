@@ -164,7 +164,8 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
 def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
     from piano_gpt_jax.config import ConfigError, build_train_config
     from piano_gpt_jax.optim import ADAM_EPS, adam_state, make_optimizer, schedule_lr
-    from piano_gpt_jax.train_step import Precision, init_train_state
+    from piano_gpt_jax.precision import Precision
+    from piano_gpt_jax.train_step import init_train_state
 
     try:
         optim = build_train_config(record.meta.config).optim

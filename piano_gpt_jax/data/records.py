@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
+from piano_gpt_jax.config import LOSS_MASKINGS
 from piano_gpt_jax.music import layouts, pieces
 from piano_gpt_jax.music.tasks import PianoTask
 from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
@@ -189,10 +190,8 @@ class PianoTaskRecords:
         prompt_layout: str = layouts.ANNOTATED,
     ):
         self.prompt_layout = layouts.check_prompt_layout(prompt_layout)
-        if loss_masking not in ("pretraining", "finetuning"):
-            raise ValueError(
-                f"loss_masking must be 'pretraining' or 'finetuning', got {loss_masking!r}"
-            )
+        if loss_masking not in LOSS_MASKINGS:
+            raise ValueError(f"loss_masking must be one of {LOSS_MASKINGS}, got {loss_masking!r}")
         self.store, self.tokenizer, self.tasks = store, tokenizer, list(tasks)
         self.notes_per_record = int(notes_per_record)
         self.context_size = int(context_size)
