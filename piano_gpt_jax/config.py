@@ -19,12 +19,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from piano_gpt_jax.music import layouts
 from piano_gpt_jax.precision import DTYPES
 
 STAGES = ("next_token_pretraining", "piano_task")
 LOSS_MASKINGS = ("pretraining", "finetuning")
-PROMPT_LAYOUTS = ("auto", "annotated", "plain", "head", "f37ac14")  # last two: old names
-LAYOUT_ALIASES = {"head": "annotated", "f37ac14": "plain"}  # = music.layouts.LAYOUT_ALIASES
+PROMPT_LAYOUTS = ("auto", *layouts.PROMPT_LAYOUTS, *layouts.LAYOUT_ALIASES)  # aliases: old names
 DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 DDP_BACKENDS = {"auto": "auto", "nccl": "auto", "gloo": "auto",
                 "jax_distributed": "jax_distributed", "none": "none"}
@@ -415,8 +415,8 @@ def build_train_config(cfg: Any) -> TrainConfig:
     _one_of("stage", v["stage"], STAGES)
     _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
     _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
-    v["data.prompt_layout"] = LAYOUT_ALIASES.get(v["data.prompt_layout"],
-                                                 v["data.prompt_layout"])
+    layout = v["data.prompt_layout"]
+    v["data.prompt_layout"] = layouts.LAYOUT_ALIASES.get(layout, layout)
     _one_of("system.dtype", v["system.dtype"], DTYPES)
     _one_of("system.param_sharding", v["system.param_sharding"], PARAM_SHARDINGS)
     _one_of("model.attention", v["model.attention"], ATTENTIONS)

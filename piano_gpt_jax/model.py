@@ -19,12 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from piano_gpt_jax import kernels
+from piano_gpt_jax.config import ATTENTIONS
 from piano_gpt_jax.precision import compute_dtype
 
 N_TIME_STEPS = 10_000  # rows of the music-time embedding (10 ms grid => 100 s)
 LAYER_NORM_EPS = 1e-5  # torch's default; flax's own default (1e-6) would drift from the twin
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,8 @@ class ModelConfig:
                 "pick an n_head that divides n_embd."
             )
         compute_dtype(self.dtype)  # validates the name
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got "
                              f"{self.attention!r}")
 
     @property
@@ -87,45 +88,11 @@ def _layer_norm(bias: bool, name: str) -> nn.LayerNorm:
                         param_dtype=jnp.float32, name=name)
 
 
-@jax.custom_vjp
-def _matmul_BxTxC(x_BxTxC, w_CxF):
-    return jnp.einsum("btc,cf->btf", x_BxTxC, w_CxF)
-
-
-def _matmul_fwd(x_BxTxC, w_CxF):
-    return _matmul_BxTxC(x_BxTxC, w_CxF), (x_BxTxC, w_CxF)
-
-
-def _matmul_bwd(res, g_BxTxF):
-    # The kernel gradient is summed per sequence (a batched dot over B, then a sum over B) instead
-    # of one (B*T)-contraction: XLA CPU lays the latter out by transposing the whole (B*T, F)
-    # upstream gradient in a loop fusion together with its elementwise producers (the erf-GELU
-    # backward), which was ~25 ms per c_fc on 16x256x512 - about half of each MLP's backward.
-    # Per-sequence blocks keep that transpose cache-sized (MLP fwd+bwd 55 -> 28 ms).
-    x_BxTxC, w_CxF = res
-    dx_BxTxC = jnp.einsum("btf,cf->btc", g_BxTxF, w_CxF)
-    dw_CxF = jnp.einsum("btc,btf->bcf", x_BxTxC, g_BxTxF).sum(0)
-    return dx_BxTxC, dw_CxF
-
-
-_matmul_BxTxC.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **_):
-    """nn.Dense's contraction (last input axis with the kernel's first) via `_matmul_BxTxC` on
-    CPU only: on accelerators the per-sequence (B, C, F) gradient blocks would cost memory and
-    bandwidth for nothing, so they keep XLA's own contraction."""
-    plain = lhs.ndim != 3 or dimension_numbers != (((2,), (0,)), ((), ()))
-    if plain or jax.default_backend() != "cpu":
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
-    return _matmul_BxTxC(lhs, rhs)
-
-
 def _dense(cfg: ModelConfig, features: int, name: str, std: float = 0.02) -> nn.Dense:
     return nn.Dense(
         features, use_bias=cfg.bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
         kernel_init=_normal(std), bias_init=nn.initializers.zeros, name=name,
-        dot_general=_dense_dot_general,
+        dot_general=kernels.dense_dot_general,
     )
 
 
@@ -159,52 +126,18 @@ class CausalSelfAttention(nn.Module):
             mask_TxS = jnp.arange(S)[None, :] <= q_pos_T[:, None]
             y_BxTxHxD = _attention(q_BxTxHxD, k_cache_BxSxHxD.astype(q_BxTxHxD.dtype),
                                    v_cache_BxSxHxD.astype(q_BxTxHxD.dtype), mask_TxS)
-        elif _attention_kind(cfg, use_dropout) == "einsum":
+        elif kernels.attention_kind(cfg.attention, cfg.dtype, use_dropout) == "einsum":
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
             drop = lambda p: nn.Dropout(cfg.dropout)(p, deterministic=False)
             y_BxTxHxD = _attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, mask_TxT,
                                    dropout=drop if use_dropout else None)
         else:
-            y_BxTxHxD = _fused_attention(cfg, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD)
+            y_BxTxHxD = kernels.fused_attention(cfg.attention, cfg.dtype, q_BxTxHxD, k_BxTxHxD,
+                                                v_BxTxHxD)
         y_BxTxC = y_BxTxHxD.reshape(B, T, C)
         y_BxTxC = _dense(cfg, C, "c_proj", _residual_std(cfg))(y_BxTxC)
         y_BxTxC = nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
         return y_BxTxC, new_cache
-
-
-def _attention_kind(cfg: ModelConfig, use_dropout: bool) -> str:
-    """"einsum" (our softmax attention) or "fused" (jax.nn.dot_product_attention).
-
-    Dropout on the attention probabilities and float16 need the einsum path (XLA:CPU rejects
-    dot_product_attention's f16 x f16 -> f32 dot under jit, and a float32 softmax is the safer
-    choice for float16 anyway). "auto" takes it on CPU too: XLA CPU's dot_product_attention was
-    ~1.25x slower than these einsums (fwd+bwd 35 vs 28 ms per layer at 16x256, 4 heads of 32);
-    on GPU, "auto" lets XLA pick (cuDNN's fused kernel where it applies).
-    """
-    if use_dropout or cfg.dtype == "float16" or cfg.attention == "einsum":
-        return "einsum"
-    if cfg.attention == "auto" and jax.default_backend() == "cpu":
-        return "einsum"
-    return "fused"
-
-
-def _fused_attention(cfg: ModelConfig, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD):
-    """jax.nn.dot_product_attention; "auto" asks for cuDNN's fused kernel in bfloat16 on GPU.
-
-    Measured on one H100 (gpt2 124M-class, 8 x 2048 tokens, bf16): XLA's own attention 99.7
-    ms/step, 12.4% MFU, 35.8 GiB peak; cuDNN 31.5 ms/step, 39.3% MFU, 7.9 GiB
-    (benchmarks/train_step.py --gpu). XLA does not pick cuDNN by itself, so auto does; where
-    cuDNN cannot run this call (no cuDNN, unsupported shape), XLA's implementation is used.
-    """
-    implementation = None if cfg.attention == "auto" else cfg.attention
-    if cfg.attention == "auto" and cfg.dtype == "bfloat16" and jax.default_backend() == "gpu":
-        try:
-            return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, is_causal=True,
-                                                implementation="cudnn")
-        except Exception:  # noqa: BLE001 — cuDNN missing or the shape unsupported: XLA's
-            implementation = None
-    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, is_causal=True,
-                                        implementation=implementation)
 
 
 def _attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_TxS, dropout=None):

@@ -1,0 +1,67 @@
+"""Every backend path computes the model's numbers: the CPU Dense gradient, both attention
+implementations and rematerialisation give the same logits and gradients as the plain forms."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from piano_gpt_jax import kernels
+from piano_gpt_jax.model import ModelConfig, forward, init_params
+
+TINY = ModelConfig(vocab_size=61, n_layer=2, n_head=2, n_embd=32, context_size=24)
+
+
+def test_cpu_dense_gradient_equals_xla_contraction():
+    """The per-sequence kernel gradient of the CPU path is the (B*T)-contraction's gradient."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x_BxTxC = jax.random.normal(kx, (3, 7, 16))
+    w_CxF = jax.random.normal(kw, (16, 40))
+    g_BxTxF = jax.random.normal(kg, (3, 7, 40))
+    dims = (((2,), (0,)), ((), ()))
+
+    def pulled_back(dot):
+        y, vjp = jax.vjp(lambda x, w: dot(x, w, dims), x_BxTxC, w_CxF)
+        return (y, *vjp(g_BxTxF))
+
+    ours = pulled_back(kernels.dense_dot_general)
+    plain = pulled_back(jax.lax.dot_general)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("attention", "dtype", "dropout", "backend", "kind"), [
+    ("auto", "float32", False, "cpu", "einsum"),
+    ("auto", "float32", False, "gpu", "fused"),
+    ("xla", "float32", False, "cpu", "fused"),
+    ("xla", "float32", True, "gpu", "einsum"),  # dropout on probabilities needs the einsum
+    ("cudnn", "float16", False, "gpu", "einsum"),  # float16 keeps a float32 softmax
+    ("einsum", "bfloat16", False, "gpu", "einsum"),
+])
+def test_attention_kind(attention, dtype, dropout, backend, kind, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert kernels.attention_kind(attention, dtype, dropout) == kind
+
+
+def _loss_and_grads(cfg: ModelConfig, params: dict, tokens_BxT) -> tuple:
+    def loss(p):
+        logits_BxTxV = forward(cfg, p, tokens_BxT)
+        return jnp.mean(jax.nn.log_softmax(logits_BxTxV)[..., 0]), logits_BxTxV
+
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, logits, grads
+
+
+@pytest.mark.parametrize("variant", [{"attention": "xla"}, {"remat": True}])
+def test_runtime_choices_give_the_same_numbers(variant):
+    """attention=xla (jax.nn.dot_product_attention) and remat=True against the CPU default
+    (einsum attention, no remat): equal logits, loss and gradients to float32 rounding."""
+    params = init_params(TINY, jax.random.PRNGKey(1))
+    tokens_BxT = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 0, TINY.vocab_size)
+    base = _loss_and_grads(TINY, params, tokens_BxT)
+    other = _loss_and_grads(dataclasses.replace(TINY, **variant), params, tokens_BxT)
+    for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(other),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
