@@ -45,7 +45,8 @@ def bench_tokenizer(maestro: Path) -> float:
 
 
 def bench_loader(dataset_dir: Path, stage: str, n_batches: int) -> float:
-    from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
+    from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+    from piano_gpt_jax.data.settings import DataSettings
 
     s = DataSettings(stage=stage, base_dataset_name=str(dataset_dir), batch_size=32,
                      context_size=2048, notes_per_record=128, use_time_steps=True,

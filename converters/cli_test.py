@@ -41,19 +41,20 @@ def test_export_is_loadable_like_the_reference_does(tmp_path):
     path = save_torch_checkpoint(tmp_path / "out.pt",
                                  CheckpointRecord(cfg, params, tokenizer_desc(61), meta))
     # What the reference does: torch.load(weights_only=False), GPT(model_cfg, vocab, pad), strict.
-    ck = torch.load(path, weights_only=False)
-    m = ck["model_cfg"]
+    checkpoint = torch.load(path, weights_only=False)
+    m = checkpoint["model_cfg"]
     assert (m.n_layer, m.n_head, m.n_embd, m.bias, m.context_size, m.dropout) == \
         (2, 2, 16, True, 24, 0.0)
-    assert ck["run_config"].model.n_embd == 16 and ck["run_config"].training.context_size == 24
-    assert ck["run_stats"] == {"iter": 7, "total_tokens": 0, "running_mfu": -1.0,
+    run_config = checkpoint["run_config"]
+    assert run_config.model.n_embd == 16 and run_config.training.context_size == 24
+    assert checkpoint["run_stats"] == {"iter": 7, "total_tokens": 0, "running_mfu": -1.0,
                                "best_val_loss": 1e9}
-    assert ck["run_name"] == "0M-run" and ck["val_loss"] == 2.5
-    assert set(ck) >= {"model", "model_cfg", "run_config", "tokenizer_desc", "run_stats",
+    assert checkpoint["run_name"] == "0M-run" and checkpoint["val_loss"] == 2.5
+    assert set(checkpoint) >= {"model", "model_cfg", "run_config", "tokenizer_desc", "run_stats",
                        "train_loss", "val_loss", "run_name"}
-    assert "optimizer" not in ck  # none given: weights-only export
+    assert "optimizer" not in checkpoint  # none given: weights-only export
     twin = TorchGPT(cfg)
-    twin.load_state_dict(ck["model"], strict=True)
+    twin.load_state_dict(checkpoint["model"], strict=True)
     for k, v in params_to_state_dict(cfg, params).items():
         assert torch.equal(twin.state_dict()[k], v)
     back = load_torch_checkpoint(path)
@@ -80,8 +81,8 @@ def test_export_without_omegaconf_uses_simplenamespace(tmp_path):
         cfg = tiny_config()
         p = state_dict_to_params(cfg, TorchGPT(cfg).state_dict())
         save_torch_checkpoint({str(tmp_path / 'ns.pt')!r}, CheckpointRecord(cfg, p))
-        ck = torch.load({str(tmp_path / 'ns.pt')!r}, weights_only=False)
-        print(type(ck["model_cfg"]).__name__, ck["model_cfg"].n_embd,
+        checkpoint = torch.load({str(tmp_path / 'ns.pt')!r}, weights_only=False)
+        print(type(checkpoint["model_cfg"]).__name__, checkpoint["model_cfg"].n_embd,
               load_torch_checkpoint({str(tmp_path / 'ns.pt')!r}).model_config == cfg)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,

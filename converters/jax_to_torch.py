@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "another name.")
         if args.output.is_dir():
             raise CheckpointError(f"{args.output} is a directory; name a .pt file.")
-        ck = load_model_checkpoint(args.input, with_optimizer=not args.weights_only,
+        record = load_model_checkpoint(args.input, with_optimizer=not args.weights_only,
                                    optimizer_required=False)
-        save_torch_checkpoint(args.output, ck)
+        save_torch_checkpoint(args.output, record)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    what = "with its optimizer state" if ck.optimizer is not None else "weights only"
-    print(f"wrote {args.output} (step {ck.step}, {what})", file=sys.stderr)
+    what = "with its optimizer state" if record.optimizer is not None else "weights only"
+    print(f"wrote {args.output} (step {record.step}, {what})", file=sys.stderr)
     return 0
 
 

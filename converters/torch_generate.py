@@ -96,9 +96,9 @@ def _load(path: str):
     return load_torch_checkpoint(path)
 
 
-def torch_sampler(ck, prompts, settings, tables) -> sampling.GenerationResult:
-    model = TorchGPT(ck.model_config)
-    model.load_state_dict(params_to_state_dict(ck.model_config, ck.params))
+def torch_sampler(record, prompts, settings, tables) -> sampling.GenerationResult:
+    model = TorchGPT(record.model_config)
+    model.load_state_dict(params_to_state_dict(record.model_config, record.params))
     return torch_generate(model, prompts, settings, tables)
 
 

@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output.exists() and not args.output.is_dir():
             raise CheckpointError(f"{args.output} is a file; name a new output directory.")
-        ck = load_torch_checkpoint(args.input)
+        record = load_torch_checkpoint(args.input)
         if args.step is not None:
-            ck.meta.step = args.step
-        out = save_model_checkpoint(args.output, ck)
+            record.meta.step = args.step
+        out = save_model_checkpoint(args.output, record)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    cfg = ck.model_config
+    cfg = record.model_config
     print(f"wrote {out}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
           f"vocab_size={cfg.vocab_size} context_size={cfg.context_size} bias={cfg.bias} "
           f"time_embedding={cfg.use_time_embedding}", file=sys.stderr)

@@ -181,24 +181,6 @@ class TrainConfig:
         return nest({k: (list(v) if isinstance(v, tuple) else v)
                      for k, v in flatten(dataclasses.asdict(self)).items()})
 
-    def data_settings(self, **overrides: Any):
-        """The data pipeline's settings of this run."""
-        from piano_gpt_jax.data.settings import DataSettings
-
-        d, ds = self.data, self.dataset
-        values = dict(
-            stage=self.stage, loss_masking=self.loss_masking, tasks=self.tasks,
-            base_dataset_name=ds.base_dataset_name, extra_datasets=ds.extra_datasets,
-            pause_detection_threshold=ds.pause_detection_threshold,
-            speed_change_factors=ds.augmentation.speed_change_factors,
-            max_pitch_shift=ds.augmentation.max_pitch_shift, batch_size=d.batch_size,
-            context_size=d.context_size, notes_per_record=d.notes_per_record,
-            data_workers=self.system.data_workers, seed=self.seed,
-            use_time_steps=self.model.use_time_embedding,
-            tokenizer_config=dataclasses.asdict(self.tokenizer), eval_splits=d.eval_splits,
-            prompt_layout=d.prompt_layout)
-        return DataSettings(**{**values, **overrides})
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimSettings:
@@ -403,7 +385,11 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
 
 
 def build_train_config(cfg: Any) -> TrainConfig:
-    """Validate a ConfigDict (or nested dict) into the frozen TrainConfig; ConfigError if bad."""
+    """Validate a ConfigDict (or nested dict) into the frozen TrainConfig; ConfigError if bad.
+
+    Steps: every key known and typed → named choices valid → numbers in range → keys that must
+    agree with each other agree → list-valued keys parsed into their tuple forms.
+    """
     flat = flatten(cfg)
     unknown = [k for k in flat if k not in SCHEMA]
     if unknown:
@@ -411,7 +397,15 @@ def build_train_config(cfg: Any) -> TrainConfig:
         raise ConfigError(f"unknown config key {key!r}.{suggest_key(key)}")
     v = {key: _check_type(key, flat[key]) if key in flat else default
          for key, (_, default) in SCHEMA.items()}
+    _check_choices(v)
+    _check_ranges(v)
+    _check_agreement(v)
+    _parse_lists(v)
+    raw = {key: (tuple(val) if isinstance(val, list) else val) for key, val in v.items()}
+    return _build(TrainConfig, raw)
 
+
+def _check_choices(v: dict[str, Any]) -> None:
     _one_of("stage", v["stage"], STAGES)
     _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
     _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
@@ -425,14 +419,9 @@ def build_train_config(cfg: Any) -> TrainConfig:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
                           f"one of {sorted(DEVICES)} (pick a GPU with CUDA_VISIBLE_DEVICES).")
     _one_of("ddp.backend", v["ddp.backend"], DDP_BACKENDS)
-    if v["init_optimizer"] and v["init_from"] == SCRATCH:
-        raise ConfigError("init_optimizer=True continues the optimizer of init_from, but "
-                          "init_from is scratch_next_token; set init_from to a .pt written with "
-                          "an optimizer state (piano-gpt's, or our export).")
-    if v["loss_masking"] == "finetuning" and v["stage"] != "piano_task":
-        raise ConfigError("loss_masking='finetuning' needs stage='piano_task' (the loss is taken "
-                          "on the tokens after <GENAI>, which only PIANO-task records have).")
 
+
+def _check_ranges(v: dict[str, Any]) -> None:
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.context_size",
                 "data.batch_size", "data.context_size", "data.notes_per_record",
                 "optimizer.gradient_accumulation_steps", "optimizer.max_iters", "eval_interval",
@@ -452,6 +441,16 @@ def build_train_config(cfg: Any) -> TrainConfig:
     for key in ("optimizer.beta1", "optimizer.beta2"):
         if not 0.0 <= v[key] < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {v[key]}.")
+
+
+def _check_agreement(v: dict[str, Any]) -> None:
+    if v["init_optimizer"] and v["init_from"] == SCRATCH:
+        raise ConfigError("init_optimizer=True continues the optimizer of init_from, but "
+                          "init_from is scratch_next_token; set init_from to a .pt written with "
+                          "an optimizer state (piano-gpt's, or our export).")
+    if v["loss_masking"] == "finetuning" and v["stage"] != "piano_task":
+        raise ConfigError("loss_masking='finetuning' needs stage='piano_task' (the loss is taken "
+                          "on the tokens after <GENAI>, which only PIANO-task records have).")
     if v["model.n_embd"] % v["model.n_head"]:
         raise ConfigError(
             f"model.n_embd ({v['model.n_embd']}) must be divisible by model.n_head "
@@ -465,6 +464,9 @@ def build_train_config(cfg: Any) -> TrainConfig:
     if v["lr.decay_lr"] and v["lr.min_lr"] > v["lr.learning_rate"]:
         raise ConfigError(f"lr.min_lr ({v['lr.min_lr']}) is above lr.learning_rate "
                           f"({v['lr.learning_rate']}); the cosine would climb instead of decay.")
+
+
+def _parse_lists(v: dict[str, Any]) -> None:
     factors = v["dataset.augmentation.speed_change_factors"]
     if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
                and f > 0 for f in factors):
@@ -485,6 +487,3 @@ def build_train_config(cfg: Any) -> TrainConfig:
     v["dataset.extra_datasets"] = tuple(v["dataset.extra_datasets"])
     v["dataset.augmentation.speed_change_factors"] = tuple(
         float(f) for f in v["dataset.augmentation.speed_change_factors"])
-
-    raw = {key: (tuple(val) if isinstance(val, list) else val) for key, val in v.items()}
-    return _build(TrainConfig, raw)

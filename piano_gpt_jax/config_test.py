@@ -8,6 +8,7 @@ import pytest
 
 from configs.piano import MODEL_PRESETS, get_config
 from piano_gpt_jax.config import SCHEMA, ConfigError, build_train_config, flatten
+from piano_gpt_jax.data.settings import DataSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,10 +31,10 @@ def test_full_recipe_and_tiny_preset_values():
     assert full.data.context_size == 2048 and full.tasks == "piano_default"
     tiny = build_train_config(get_config("tiny"))
     assert tiny.platform == "cpu" and tiny.dataset.base_dataset_name == "builtin"
-    assert full.data_settings().prompt_layout == "auto"
+    assert DataSettings.from_config(full).prompt_layout == "auto"
     cfg = get_config("tiny")
     cfg.data.prompt_layout = "f37ac14"
-    assert build_train_config(cfg).data_settings().prompt_layout == "plain"  # old name
+    assert DataSettings.from_config(build_train_config(cfg)).prompt_layout == "plain"  # old name
 
 
 def test_lr_decay_iters_follows_max_iters():
@@ -109,13 +110,13 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
 def test_task_lists_from_the_command_line(text, want):
     cfg = get_config("tiny")
     cfg.tasks = text
-    assert build_train_config(cfg).data_settings().tasks == want
+    assert DataSettings.from_config(build_train_config(cfg)).tasks == want
 
 
 def test_eval_splits_from_the_command_line():
     cfg = get_config("tiny")
     cfg.data.eval_splits = "('full_val', 'bach')"
-    assert build_train_config(cfg).data_settings().eval_splits == ("full_val", "bach")
+    assert DataSettings.from_config(build_train_config(cfg)).eval_splits == ("full_val", "bach")
     cfg.data.eval_splits = "('full_val'"
     with pytest.raises(ConfigError, match="data.eval_splits"):
         build_train_config(cfg)

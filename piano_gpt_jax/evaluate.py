@@ -16,7 +16,6 @@ out of that metric's mean, and `n_nan/<metric>` says how often.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -25,12 +24,15 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from piano_gpt_jax import piano_metrics, sampling
+from piano_gpt_jax.checkpoints import load_any_checkpoint, resolve_step_dir
+from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.model import ModelConfig
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 EVAL_BATCH = 16  # prompts decoded together
 
@@ -106,49 +108,15 @@ def _summarise(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float
 
 
 # ------------------------------------------------------------------------------------------ data
-def data_settings_for_checkpoint(ck, dataset: str | None = None, stage: str | None = None):
-    """The run's data settings (from the checkpoint's run config, ours or piano-gpt's), with
-    overrides. A checkpoint without a usable run config gets defaults matching the model.
-    Only one process's view is needed here, and no extra training datasets.
-    """
-    from piano_gpt_jax.config import ConfigError, build_train_config
-    from piano_gpt_jax.data.settings import DataSettings
-
-    run = None
-    if ck.meta.config:  # ours, or translated from piano-gpt's run_config
-        try:
-            run = build_train_config(ck.meta.config)
-        except ConfigError:  # e.g. a piano-gpt config our validation rejects: defaults
-            run = None
-    overrides: dict[str, Any] = dict(
-        use_time_steps=ck.model_config.use_time_embedding, extra_datasets=(), data_workers=0,
-        shard_index=0, shard_count=1, max_pitch_shift=0, speed_change_factors=())
-    if dataset:
-        overrides["base_dataset_name"] = dataset
-    if stage:
-        overrides["stage"] = stage
-        if stage != "piano_task":
-            overrides["loss_masking"] = "pretraining"
-    if run is None:
-        settings = DataSettings(**{"stage": "piano_task", "base_dataset_name": "builtin",
-                                   "batch_size": 1, **overrides})
-    else:
-        settings = run.data_settings(**overrides)
-    return dataclasses.replace(
-        settings, context_size=min(settings.context_size, ck.model_config.context_size))
-
-
-def piano_task_refusal(ck) -> str | None:
-    """Why `ck` cannot answer PIANO-task prompts (None when it can): a model trained for next-token
-    prediction never saw a task prompt or <GENAI>, so its "metrics" would be meaningless (and
-    `generate --task` refuses it for the same reason)."""
-    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
-
-    stage = (ck.meta.config or {}).get("stage")
+def piano_task_refusal(record) -> str | None:
+    """Why `record` cannot answer PIANO-task prompts (None when it can): a model trained for
+    next-token prediction never saw a task prompt or <GENAI>, so its "metrics" would be
+    meaningless (and `generate --task` refuses it for the same reason)."""
+    stage = (record.meta.config or {}).get("stage")
     if stage == "next_token_pretraining":
         return ("it was trained for next-token prediction (stage next_token_pretraining); "
                 "PIANO-task metrics need a checkpoint trained on PIANO tasks (stage piano_task)")
-    vocab = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc).token_to_id
+    vocab = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc).token_to_id
     if "<GENAI>" not in vocab:
         return ("its vocabulary has no <GENAI> token, so it was never trained on PIANO-task "
                 "prompts; evaluate a piano_task checkpoint")
@@ -188,7 +156,6 @@ def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint path belongs to (a .pt's own directory)."""
     if path.is_file():
         return path.parent
-    from piano_gpt_jax.checkpoints import resolve_step_dir
 
     return resolve_step_dir(path).parent.parent
 
@@ -219,26 +186,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling.SamplingSettings(temperature=args.temperature, top_k=args.top_k or 0)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    from piano_gpt_jax.checkpoints import load_any_checkpoint
-    from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 
     path = Path(args.checkpoint)
     try:
-        ck = load_any_checkpoint(path)
+        record = load_any_checkpoint(path)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
-    if ck.tokenizer_desc is None:
+    if record.tokenizer_desc is None:
         raise SystemExit(f"error: {path} has no tokenizer_desc; PIANO prompts need the run's "
                          "tokenizer. Re-export the checkpoint with its tokenizer.")
-    refusal = piano_task_refusal(ck)
+    refusal = piano_task_refusal(record)
     if refusal:
         raise SystemExit(f"error: {path}: {refusal}")
     try:
-        settings = data_settings_for_checkpoint(ck, args.dataset, stage="piano_task")
-        tokenizer = build_tokenizer(settings, ck.tokenizer_desc)
-        if tokenizer.vocab_size != ck.model_config.vocab_size:
+        settings = settings_for_checkpoint(record, args.dataset, stage="piano_task")
+        tokenizer = build_tokenizer(settings, record.tokenizer_desc)
+        if tokenizer.vocab_size != record.model_config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model "
-                             f"{ck.model_config.vocab_size}")
+                             f"{record.model_config.vocab_size}")
         pipeline = make_pipeline(settings, tokenizer)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: cannot build the evaluation data: {e}") from None
@@ -250,39 +215,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{pipeline.eval_split_names}")
 
     t0 = time.perf_counter()
-    results = run_task_evaluation(ck.model_config, ck.params, tokenizer, pipeline, splits,
+    results = run_task_evaluation(record.model_config, record.params, tokenizer, pipeline, splits,
                                   args.n_examples, args.temperature, args.top_k, args.seed)
     seconds = time.perf_counter() - t0
-    print(f"PIANO-task metrics of {path} (step {ck.step}), {args.n_examples} prompts per split, "
+    print(f"PIANO-task metrics of {path} (step {record.step}), {args.n_examples} prompts per "
+          "split, "
           f"{pipeline.prompt_layout} prompt layout, temperature {args.temperature}, "
           f"{seconds:.1f} s")
     print(format_tables(results))
 
     out_dir = Path(args.out_dir) if args.out_dir else run_dir_of(path)
-    records = [{"event": "task_eval", "checkpoint": str(path), "step": ck.step, "split": split,
+    records = [{"event": "task_eval", "checkpoint": str(path), "step": record.step, "split": split,
                 "task": task, "temperature": args.temperature, **values}
                for split, per_task in results.items() for task, values in per_task.items()]
     append_jsonl(out_dir / "metrics.jsonl", records)
     print(f"appended {len(records)} rows to {out_dir / 'metrics.jsonl'}")
     if args.wandb:
-        _log_wandb(args, ck, results)
+        _log_wandb(args, record, results)
     return 0
 
 
-def _log_wandb(args, ck, results: dict) -> None:
+def _log_wandb(args, record, results: dict) -> None:
     try:
         import wandb
     except ImportError:
         raise SystemExit("error: --wandb needs the wandb package (pip install wandb)") from None
     run = wandb.init(project=args.wandb_project, job_type="piano-eval",
                      mode=os.environ.get("WANDB_MODE", "online"),
-                     config={"checkpoint": str(args.checkpoint), "step": ck.step})
+                     config={"checkpoint": str(args.checkpoint), "step": record.step})
     logged = {}
     for split, per_task in results.items():
         for task, values in per_task.items():
             prefix = f"metrics/{split}_" if task == "all" else f"metrics/{split}/{task}/"
             logged.update({prefix + k: v for k, v in values.items()})
-    run.log({"iter": ck.step, **logged})
+    run.log({"iter": record.step, **logged})
     run.finish()
 
 

@@ -24,6 +24,7 @@ combined.mid (prompt + generation), for --task also target.mid, and pianoroll.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -34,7 +35,13 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax import pianoroll, sampling
+from piano_gpt_jax.checkpoints import load_any_checkpoint
+from piano_gpt_jax.data.settings import settings_for_checkpoint
+from piano_gpt_jax.data.sources import load_piano_dataset
 from piano_gpt_jax.music import layouts, pieces
+from piano_gpt_jax.music.midi import MidiReadError, read_midi, write_midi
+from piano_gpt_jax.music.tasks import resolve_tasks
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 
 class GenerateError(ValueError):
@@ -126,8 +133,6 @@ def fit_prompt(build, notes: pd.DataFrame, context_size: int, explicit: bool):
 
 
 def resolve_task(name: str):
-    from piano_gpt_jax.music.tasks import resolve_tasks
-
     try:
         tasks = resolve_tasks(name)
     except ValueError as e:
@@ -145,11 +150,9 @@ def trained_notes_per_record(meta) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
+def load_prompt_notes(args, checkpoint) -> tuple[pd.DataFrame, str, str, str]:
     """(notes, description, dataset token, composer token) of --prompt-midi / --prompt-dataset."""
     if args.prompt_midi:
-        from piano_gpt_jax.music.midi import MidiReadError, read_midi
-
         try:
             notes = read_midi(args.prompt_midi)
         except MidiReadError as e:
@@ -160,10 +163,8 @@ def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
     if not split or not index.lstrip("-").isdigit():
         raise GenerateError(f"--prompt-dataset must be SPLIT:INDEX such as validation:3, got "
                             f"{args.prompt_dataset!r}")
-    from piano_gpt_jax.data.sources import load_piano_dataset
-    from piano_gpt_jax.evaluate import data_settings_for_checkpoint
 
-    name = args.dataset or data_settings_for_checkpoint(ck).base_dataset_name
+    name = args.dataset or settings_for_checkpoint(checkpoint).base_dataset_name
     try:
         dd = load_piano_dataset(name)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -174,9 +175,9 @@ def load_prompt_notes(args, ck) -> tuple[pd.DataFrame, str, str, str]:
     if not 0 <= i < len(dd[split]):
         raise GenerateError(f"index {i} is out of range: {name}:{split} has {len(dd[split])} "
                             "records")
-    record = dd[split][i]
-    notes = pieces.notes_from_record(record)
-    source = record.get("source")
+    row = dd[split][i]
+    notes = pieces.notes_from_record(row)
+    source = row.get("source")
     composer = args.composer_token or layouts.composer_token(source)
     return (pd.DataFrame({k: notes[k] for k in ("pitch", "velocity", "start", "end")}),
             f"{name} {split}[{i}]", layouts.dataset_token(source), composer)
@@ -222,54 +223,102 @@ def _outputs(out: Path, n: int, task: bool) -> dict[str, Path]:
     return {k: out / v for k, v in names.items()}
 
 
-def jax_sampler(ck, prompts, settings, tables) -> sampling.GenerationResult:
-    return sampling.generate(ck.model_config, ck.params, prompts, settings, tables)
+def jax_sampler(record, prompts, settings, tables) -> sampling.GenerationResult:
+    return sampling.generate(record.model_config, record.params, prompts, settings, tables)
 
 
 def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> dict[str, Any]:
-    """Everything but printing; `sampler(ck, prompts, settings, tables)` and `load_checkpoint`
-    are swappable so the PyTorch twin can reuse the prompt and output handling."""
-    from piano_gpt_jax.checkpoints import load_any_checkpoint
-    from piano_gpt_jax.music.midi import write_midi
-    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
+    """Everything but printing; `sampler(record, prompts, settings, tables)` and `load_checkpoint`
+    are swappable so the PyTorch twin can reuse the prompt and output handling.
 
+    Steps: check the request (before any loading, so a bad flag costs nothing) → load the model and
+    its tokenizer → build the prompt → sample → write MIDI, piano rolls and the ids file.
+    """
+    settings = _sampling_settings(args)
+    task = resolve_task(args.task) if args.task else None
+    paths = _output_paths(args, task is not None)
+    record, tokenizer = _load_model(args, load_checkpoint or load_any_checkpoint)
+    prompt = _build_prompt(args, record, tokenizer, task)
+    try:
+        result = sampler(record, [prompt.ids] * args.num_samples, settings, prompt.tables)
+    except ValueError as e:  # a request the sampler refuses up front (e.g. memory)
+        raise GenerateError(str(e)) from None
+    samples = _write_outputs(args, paths, prompt, result, tokenizer, task)
+    summary = {"checkpoint": str(args.checkpoint), "step": record.step, "prompt": prompt.described,
+               "prompt_note": prompt.fit_note,
+               "task": task.task_name if task else None,
+               "prompt_layout": prompt.layout, "prompt_tokens": int(len(prompt.ids)),
+               "prompt_notes": int(len(prompt.shown)),
+               "tokens_per_second": result.tokens_per_second,
+               "compile_seconds": result.compile_seconds, "samples": samples,
+               "files": {name: str(path) for name, path in paths.items()}}
+    if prompt.target is not None:
+        summary["target_notes"] = int(len(prompt.target))
+    # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
+    paths["ids"].write_text(json.dumps({**summary, "prompt_ids": [int(t) for t in prompt.ids]}))
+    return summary
+
+
+def _sampling_settings(args: argparse.Namespace) -> sampling.SamplingSettings:
     if args.num_samples < 1:
         raise GenerateError("--num-samples must be at least 1")
     if args.prompt_notes is not None and args.prompt_notes < 1:
         raise GenerateError("--prompt-notes must be at least 1")
     try:
-        settings = sampling.SamplingSettings(
+        return sampling.SamplingSettings(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             max_new_tokens=args.max_new_tokens, seed=args.seed)
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    task = resolve_task(args.task) if args.task else None
-    out = Path(args.out)
-    paths = _outputs(out, args.num_samples, task is not None)
+
+
+def _output_paths(args: argparse.Namespace, has_target: bool) -> dict[str, Path]:
+    """The files this request writes; refuses to overwrite earlier output unless asked."""
+    paths = _outputs(Path(args.out), args.num_samples, has_target)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         raise GenerateError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
                             "--overwrite or choose another --out")
     if args.prompt_midi and not Path(args.prompt_midi).is_file():
         raise GenerateError(f"--prompt-midi {args.prompt_midi}: no such file")
+    return paths
 
+
+def _load_model(args: argparse.Namespace, load_checkpoint) -> tuple[Any, ExponentialTimeTokenizer]:
     try:
-        ck = (load_checkpoint or load_any_checkpoint)(args.checkpoint)
+        record = load_checkpoint(args.checkpoint)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise GenerateError(f"cannot load checkpoint {args.checkpoint}: {e}") from None
-    if ck.tokenizer_desc is None:
+    if record.tokenizer_desc is None:
         raise GenerateError(f"{args.checkpoint} carries no tokenizer_desc, so its token ids "
                             "cannot be decoded; export it with its tokenizer")
     try:
-        tokenizer = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc)
+        tokenizer = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc)
     except (ValueError, KeyError) as e:
         raise GenerateError(f"the checkpoint's tokenizer cannot be rebuilt: {e}") from None
-    if tokenizer.vocab_size != ck.model_config.vocab_size:
+    if tokenizer.vocab_size != record.model_config.vocab_size:
         raise GenerateError(f"tokenizer ({tokenizer.vocab_size} tokens) and model "
-                            f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
+                            f"({record.model_config.vocab_size}) disagree; the checkpoint is "
+                            "broken")
+    return record, tokenizer
 
-    raw, described, dataset_token, composer_token = load_prompt_notes(args, ck)
-    max_notes = args.prompt_notes or trained_notes_per_record(ck.meta) or 128
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    ids: np.ndarray  # the tokens the model is given
+    shown: pd.DataFrame  # the prompt's notes as written to prompt.mid
+    target: pd.DataFrame | None  # the notes a task hid, when there is a task
+    described: str  # where the notes came from, for the summary
+    fit_note: str | None  # how the prompt was cropped to fit the context, if it was
+    layout: str
+    tables: sampling.TimeTables
+    offset_seconds: float  # where generated notes start: after the prompt's last event
+
+
+def _build_prompt(args: argparse.Namespace, record, tokenizer: ExponentialTimeTokenizer,
+                  task) -> _Prompt:
+    raw, described, dataset_token, composer_token = load_prompt_notes(args, record)
+    max_notes = args.prompt_notes or trained_notes_per_record(record.meta) or 128
     notes = crop_notes(raw, args.prompt_seconds, max_notes)
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
@@ -280,52 +329,42 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
     else:
         build = lambda n: (continuation_prompt(tokenizer, n, dataset_token, composer_token),
                            n, None)
-    (prompt_ids, shown_prompt, target), fit_note = fit_prompt(
-        build, notes, ck.model_config.context_size, explicit=args.prompt_notes is not None)
+    (prompt_ids, shown, target), fit_note = fit_prompt(
+        build, notes, record.model_config.context_size, explicit=args.prompt_notes is not None)
     offset = 0.0
     if task is None:
         # New notes go after the prompt's last event: the seconds its time tokens cover.
         offset = int(tables.time_increment[prompt_ids].sum()) * tokenizer.time_unit
-    try:
-        result = sampler(ck, [prompt_ids] * args.num_samples, settings, tables)
-    except ValueError as e:  # a request the sampler refuses up front (e.g. memory)
-        raise GenerateError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    write_midi(shown_prompt, paths["prompt"])
-    if target is not None:
-        write_midi(target, paths["target"])
+    return _Prompt(prompt_ids, shown, target, described, fit_note, layout, tables, offset)
+
+
+def _write_outputs(args: argparse.Namespace, paths: dict[str, Path], prompt: _Prompt, result,
+                   tokenizer: ExponentialTimeTokenizer, task) -> list[dict[str, Any]]:
+    """MIDI and piano rolls for every sample; the per-sample lines of the summary."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_midi(prompt.shown, paths["prompt"])
+    if prompt.target is not None:
+        write_midi(prompt.target, paths["target"])
     samples = []
-    for k, new in enumerate(result.new_tokens):
-        sfx = "" if args.num_samples == 1 else f"_{k}"
+    for index, new in enumerate(result.new_tokens):
+        suffix = "" if args.num_samples == 1 else f"_{index}"
         generated = tokenizer.decode(new)  # keeps its columns when empty
-        generated = generated.assign(start=generated["start"] + offset,
-                                     end=generated["end"] + offset)
-        write_midi(generated, paths[f"generation{sfx}"])
-        combined = pd.concat([shown_prompt, generated], ignore_index=True) if len(generated) \
-            else shown_prompt
-        write_midi(combined, paths[f"combined{sfx}"])
+        generated = generated.assign(start=generated["start"] + prompt.offset_seconds,
+                                     end=generated["end"] + prompt.offset_seconds)
+        write_midi(generated, paths[f"generation{suffix}"])
+        combined = pd.concat([prompt.shown, generated], ignore_index=True) if len(generated) \
+            else prompt.shown
+        write_midi(combined, paths[f"combined{suffix}"])
         title = (f"{task.task_name if task else 'continuation'} | T={args.temperature} "
-                 f"seed={args.seed} sample {k}")
-        pianoroll.prompt_and_generation(paths[f"pianoroll{sfx}"], shown_prompt, generated,
-                                        target, title)
+                 f"seed={args.seed} sample {index}")
+        pianoroll.prompt_and_generation(paths[f"pianoroll{suffix}"], prompt.shown, generated,
+                                        prompt.target, title)
         seconds = float(generated["end"].max() - generated["start"].min()) if len(generated) \
             else 0.0
         samples.append({"ids": [int(t) for t in new], "tokens": int(len(new)),
                         "notes": int(len(generated)), "seconds": seconds,
-                        "stopped": bool(result.stopped[k])})
-    summary = {"checkpoint": str(args.checkpoint), "step": ck.step, "prompt": described,
-               "prompt_note": fit_note,
-               "task": task.task_name if task else None,
-               "prompt_layout": layout, "prompt_tokens": int(len(prompt_ids)),
-               "prompt_notes": int(len(shown_prompt)),
-               "tokens_per_second": result.tokens_per_second,
-               "compile_seconds": result.compile_seconds, "samples": samples,
-               "files": {k: str(v) for k, v in paths.items()}}
-    if target is not None:
-        summary["target_notes"] = int(len(target))
-    # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
-    paths["ids"].write_text(json.dumps({**summary, "prompt_ids": [int(t) for t in prompt_ids]}))
-    return summary
+                        "stopped": bool(result.stopped[index])})
+    return samples
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
+from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 
 
 def check_batch(batch, tok, settings) -> int:

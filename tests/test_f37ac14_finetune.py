@@ -24,6 +24,7 @@ from piano_gpt_jax import evaluate, generate
 from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.tasks import resolve_tasks, task_special_tokens
@@ -87,13 +88,13 @@ def test_finetune_keeps_the_f37ac14_vocabulary(f37ac14_pt, tuned):
     assert [e["step"] for e in evals] == [0, 3]
     before, after = load_torch_checkpoint(f37ac14_pt), load_torch_checkpoint(out / "final.pt")
     assert after.model_config.vocab_size == 1241
-    vocab = lambda ck: ck.tokenizer_desc["parameters"]["lexicon"]["vocab"]
+    vocab = lambda record: record.tokenizer_desc["parameters"]["lexicon"]["vocab"]
     assert vocab(after) == vocab(before)  # the tasks' tokens were there; nothing added
     assert after.tokenizer_desc == before.tokenizer_desc
 
     # Loss only after <GENAI>: step 0 evaluated the .pt's weights on the fixed validation batch;
     # recomputed by hand from its tokens over the answer positions, it is that number.
-    settings = build_train_config(after.meta.config).data_settings()
+    settings = DataSettings.from_config(build_train_config(after.meta.config))
     tok = build_tokenizer(settings, after.tokenizer_desc)
     batches = make_pipeline(settings, tok).eval_batches("full_val", 1)
     genai, pad = tok.token_to_id["<GENAI>"], tok.pad_token_id

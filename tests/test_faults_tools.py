@@ -24,7 +24,8 @@ from piano_gpt_jax.checkpoints import (
 from piano_gpt_jax.checkpoints import save_model_checkpoint as save_dir
 from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
 from piano_gpt_jax.data import import_midi
-from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer
+from piano_gpt_jax.data.pipeline import build_tokenizer
+from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.music.midi import MidiReadError, read_midi
 from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer

@@ -21,7 +21,8 @@ from converters import save_torch_checkpoint
 from converters import torch_generate as tg
 from piano_gpt_jax import evaluate, generate, piano_metrics, sampling
 from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, save_model_checkpoint
-from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
+from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.music.midi import read_midi
 
@@ -280,11 +281,11 @@ def test_evaluation_scores_a_perfect_and_an_empty_answer(setup, eval_dataset, mo
 @pytest.mark.slow
 def test_cli_subprocesses(setup, tmp_path):
     """The documented commands, as a user runs them (JAX CLI from the dir, torch CLI from .pt)."""
-    for module, ck in (("piano_gpt_jax.generate", setup["run_dir"]),
+    for module, record in (("piano_gpt_jax.generate", setup["run_dir"]),
                        ("converters.torch_generate", setup["pt"])):
         out = tmp_path / module
         r = subprocess.run(
-            [sys.executable, "-m", module, "--checkpoint", str(ck), "--out", str(out),
+            [sys.executable, "-m", module, "--checkpoint", str(record), "--out", str(out),
              "--prompt-midi", str(setup["midi"]), "--prompt-seconds", "3", "--temperature", "0",
              "--max-new-tokens", "24"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]

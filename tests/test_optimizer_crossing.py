@@ -25,6 +25,7 @@ from piano_gpt_jax.checkpoints import load_model_checkpoint
 from piano_gpt_jax.checkpoints.torch_format import params_to_state_dict
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig
 
 K, M, GAS = 3, 3, 2
@@ -99,7 +100,7 @@ class TorchTrainer:
 def micro_batches(cfg: dict, skip_updates: int, n_updates: int,
                   tokenizer_desc: dict | None = None) -> list[list[dict]]:
     """The batches our trainer's data iterator yields for updates skip+1 .. skip+n."""
-    settings = build_train_config(cfg).data_settings()
+    settings = DataSettings.from_config(build_train_config(cfg))
     pipeline = make_pipeline(settings, build_tokenizer(settings, tokenizer_desc))
     it = pipeline.train_iterator()
     for _ in range(skip_updates * GAS):
@@ -163,7 +164,7 @@ def dataset(maestro_dataset) -> Path:
 def test_pytorch_run_continues_in_jax(dataset, tmp_path):
     out = tmp_path / "jax"
     cfg = run_config(dataset, out, K + M)
-    settings = build_train_config(cfg).data_settings()
+    settings = DataSettings.from_config(build_train_config(cfg))
     tokenizer = build_tokenizer(settings)
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
                             context_size=64)

@@ -212,7 +212,7 @@ def test_each_process_builds_only_its_block_of_every_global_batch():
 
 # ------------------------------------------------------------------------------ bad input
 def test_a_batch_the_processes_cannot_split_is_refused():
-    from piano_gpt_jax.data.pipeline import DataSettings
+    from piano_gpt_jax.data.settings import DataSettings
 
     with pytest.raises(ValueError, match=r"batch_size 3 must be divisible by the number of JAX "
                                          r"processes \(2\)"):

@@ -14,6 +14,7 @@ import pytest
 from configs.piano import get_config
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, count_params, init_params
 from piano_gpt_jax.train_step import token_loss
 
@@ -32,7 +33,7 @@ def test_tiny_preset_numbers(maestro_dataset):
 
     # The same records from the real MAESTRO import instead of the built-in dataset (whose
     # first build takes ~30 s): the vocabulary, hence the model, is the same.
-    settings = tc.data_settings(base_dataset_name=str(maestro_dataset))
+    settings = DataSettings.from_config(tc, base_dataset_name=str(maestro_dataset))
     tok = build_tokenizer(settings)
     assert tok.vocab_size == 2265
     model = ModelConfig(vocab_size=tok.vocab_size, n_layer=m.n_layer, n_head=m.n_head,

@@ -201,12 +201,13 @@ def test_finetune_a_pt_on_piano_tasks_then_eval_metrics(dataset, reference_run, 
     from converters.testing import losses_by_hand
     from piano_gpt_jax.config import build_train_config
     from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+    from piano_gpt_jax.data.settings import DataSettings
 
     before = load_torch_checkpoint(reference_run / "final.pt")
     after = load_torch_checkpoint(out / "final.pt")
     # The tuned vocabulary: the .pt's ids kept, its size fixed, the PIANO-task tokens written
     # into its free placeholder slots.
-    vocab = lambda ck: ck.tokenizer_desc["parameters"]["lexicon"]["vocab"]
+    vocab = lambda record: record.tokenizer_desc["parameters"]["lexicon"]["vocab"]
     n_old = before.tokenizer_desc["parameters"]["first_placeholder_id"]
     assert len(vocab(after)) == len(vocab(before)) == after.model_config.vocab_size == 2265
     assert vocab(after)[:n_old] == vocab(before)[:n_old]
@@ -216,7 +217,7 @@ def test_finetune_a_pt_on_piano_tasks_then_eval_metrics(dataset, reference_run, 
     assert {"<N_NOTES_5>", "<MUSIC_TIME_0>"} <= set(vocab(before)[:n_old])  # there already
     # Loss only after <GENAI>: step 0 evaluated the .pt's own weights on the fixed validation
     # batches; recompute that loss by hand from the tokens, over the answer positions only.
-    settings = build_train_config(after.meta.config).data_settings()
+    settings = DataSettings.from_config(build_train_config(after.meta.config))
     tok = build_tokenizer(settings, after.tokenizer_desc)
     batches = make_pipeline(settings, tok).eval_batches("full_val", 2)
     by_hand = losses_by_hand(before.model_config, before.params, batches,

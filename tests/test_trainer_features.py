@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from converters.testing import reference_lr
-from piano_gpt_jax import precision
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.checkpoints import load_model_checkpoint
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.run_log import METRICS_FILE
+from piano_gpt_jax.training import loop as training_loop
 
 pytestmark = pytest.mark.slow
 LR = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 2, "lr_decay_iters": 6}
@@ -163,14 +163,14 @@ def test_bfloat16_run_logged_to_wandb_offline(base, tmp_path, monkeypatch):
     got, want = train_losses(out), train_losses(base["out"])
     for step in (1, 2):  # bfloat16 rounding of logits of ~0.1 (measured ~1e-5); float32: 0
         assert 1e-6 < abs(got[step] - want[step]) < 1e-3, (step, got[step], want[step])
-    ck = load_model_checkpoint(out)
-    assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(ck.params)} == {
+    record = load_model_checkpoint(out)
+    assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(record.params)} == {
         np.dtype("float32")}
 
     init_kw = calls[0][1]
     assert calls[0][0] == "init" and init_kw["mode"] == "offline" and init_kw["dir"] == str(out)
     assert init_kw["config"]["system"]["dtype"] == "bfloat16"
-    assert ck.meta.wandb_id == init_kw["id"]  # the run id the checkpoint (and .pt) carries
+    assert record.meta.wandb_id == init_kw["id"]  # the run id the checkpoint (and .pt) carries
     logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
     written = events(out)
     assert [step for step, _ in logged] == [e["step"] for e in written]
@@ -183,8 +183,8 @@ def test_float16_loss_scale_survives_a_resume(base, tmp_path, monkeypatch, capsy
     """float16's dynamic loss scale is part of the checkpoint: stopped at step 4 and resumed, the
     run skips the same overflowing step and ends with the same weights as one uninterrupted run.
     The scale doubles every good step here (growth_interval 1), so it overflows soon after 4."""
-    real = precision.Precision
-    monkeypatch.setattr(precision, "Precision",
+    real = training_loop.Precision
+    monkeypatch.setattr(training_loop, "Precision",
                         lambda dtype="float32", **kw: real(dtype, **{**kw, "growth_interval": 1}))
     f16 = {"system.dtype": "float16"}
 

@@ -26,24 +26,24 @@ LOGIT_TOLERANCE = 1e-4  # the upstream README's bound for float32 logits
 
 @pytest.fixture(scope="module")
 def upstream(upstream_checkpoint):
-    ck = load_torch_checkpoint(upstream_checkpoint["pt"])
+    record = load_torch_checkpoint(upstream_checkpoint["pt"])
     io = dict(np.load(upstream_checkpoint["io"]))
-    return ck, io
+    return record, io
 
 
 def test_loader_reads_the_architecture_the_upstream_readme_states(upstream):
-    ck, io = upstream
+    record, io = upstream
     # "2 layers, 4 heads, 64 wide, context 128, bias on, no time embedding", 2265 tokens.
-    assert ck.model_config == ModelConfig(vocab_size=2265, n_layer=2, n_head=4, n_embd=64,
+    assert record.model_config == ModelConfig(vocab_size=2265, n_layer=2, n_head=4, n_embd=64,
                                           context_size=128, bias=True, use_time_embedding=False)
-    assert len(ck.tokenizer_desc["parameters"]["lexicon"]["vocab"]) == 2265
+    assert len(record.tokenizer_desc["parameters"]["lexicon"]["vocab"]) == 2265
     assert io["idx"].shape == io["targets"].shape == (3, 100)
     assert io["logits"].shape == (3, 100, len(io["logit_columns"])) == (3, 100, 256)
 
 
 def test_flax_forward_reproduces_upstream_logits_and_loss(upstream):
-    ck, io = upstream
-    logits = np.asarray(jax.jit(forward, static_argnums=0)(ck.model_config, ck.params,
+    record, io = upstream
+    logits = np.asarray(jax.jit(forward, static_argnums=0)(record.model_config, record.params,
                                                              io["idx"].astype(np.int32)))
     theirs = io["logits"]
     assert theirs.std() > 0.1  # logits spread well beyond the tolerance: the bound means something
@@ -56,9 +56,9 @@ def test_flax_forward_reproduces_upstream_logits_and_loss(upstream):
 
 def test_pytorch_twin_reproduces_upstream_logits(upstream, upstream_checkpoint):
     """The twin is the reference of the other equivalence tests; here it is checked itself."""
-    ck, io = upstream
+    record, io = upstream
     state = strip_compile_prefix(torch_load_restricted(upstream_checkpoint["pt"])["model"])
-    model = TorchGPT(ck.model_config).eval()
+    model = TorchGPT(record.model_config).eval()
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         logits = model(torch.as_tensor(io["idx"])).numpy()
@@ -67,9 +67,9 @@ def test_pytorch_twin_reproduces_upstream_logits(upstream, upstream_checkpoint):
 
 
 def test_state_dict_names_and_shapes_are_upstreams(upstream, upstream_checkpoint):
-    ck, _ = upstream
+    record, _ = upstream
     raw = torch_load_restricted(upstream_checkpoint["pt"])["model"]
     assert all(k.startswith("_orig_mod.") for k in raw)  # saved from a torch.compile'd module
     theirs = {k: tuple(v.shape) for k, v in strip_compile_prefix(raw).items()}
-    assert expected_state_dict_shapes(ck.model_config) == theirs
+    assert expected_state_dict_shapes(record.model_config) == theirs
     assert theirs["lm_head.weight"] == theirs["transformer.wte.weight"] == (2265, 64)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from piano_gpt_jax.music.midi import write_midi
+
 SAMPLE_RATE = 22_050
 RELEASE_S = 0.25  # fade after a note's end, so notes do not click off
 MAX_NOTE_S = 8.0  # a held note's tone has long decayed by then; caps the work per note
@@ -100,8 +102,6 @@ def fluidsynth_available() -> bool:
 
 def render_fluidsynth(notes: Any, scratch: Path, sample_rate: int = SAMPLE_RATE) -> bytes:
     """WAV bytes from FluidSynth; `scratch` is a directory the caller owns and removes."""
-    from piano_gpt_jax.music.midi import write_midi
-
     soundfont = find_soundfont()
     if soundfont is None or shutil.which("fluidsynth") is None:
         raise RuntimeError("fluidsynth or a General-MIDI soundfont is not installed")

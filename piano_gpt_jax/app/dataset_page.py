@@ -12,6 +12,7 @@ from piano_gpt_jax import pianoroll
 from piano_gpt_jax.app import dataset_view, generation, prompts, rolls, runs, state
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.settings import AppSettings
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 OPENED_KEY = "ds_opened"
 DEFAULTS_LABEL = "defaults of a new run"
@@ -93,8 +94,6 @@ def _run_choice(cfg: AppSettings) -> tuple[int, int, Any, str]:
     n_notes = dataset_view.DEFAULT_NOTES_PER_RECORD
     tokenizer = state.default_tokenizer()
     if choice != DEFAULTS_LABEL:
-        from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
-
         run = runs.load_run(found[labels.index(choice) - 1])
         context = int(runs.config_value(run.config, "data.context_size")
                       or runs.config_value(run.config, "model.context_size") or context)

@@ -8,9 +8,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.prompts import frame
+from piano_gpt_jax.data.pipeline import build_tokenizer
+from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.data.sources import load_piano_dataset
+from piano_gpt_jax.generate import GenerateError, prompt_layout_of, resolve_task, task_prompt
 from piano_gpt_jax.music import layouts, pieces
 
 DEFAULT_CONTEXT_SIZE = 2048  # the reference recipe's
@@ -20,8 +26,6 @@ DEFAULT_NOTES_PER_RECORD = 128
 def load_dataset(name: str) -> Any:
     """A DatasetDict from anything the trainer accepts ('builtin', a save_to_disk folder, a MIDI
     folder, a hub name); AppError with the loader's reason otherwise."""
-    from piano_gpt_jax.data.sources import load_piano_dataset
-
     if not name or not name.strip():
         raise AppError("give a dataset: 'builtin', a folder written by save_to_disk, or a folder "
                        "of MIDI files")
@@ -34,9 +38,6 @@ def load_dataset(name: str) -> Any:
 def piece_table(split: Any) -> pd.DataFrame:
     """One row per piece: composer, title, notes, duration [s]; computed on the Arrow columns so
     a thousand-piece split lists in well under a second."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     table = split.with_format("arrow")[:]
     notes = table.column("notes")
     if isinstance(notes, pa.ChunkedArray):
@@ -93,8 +94,6 @@ def histograms(notes: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def default_tokenizer() -> Any:
     """A fresh vocabulary with every default task's tokens, annotated layout: a new run's."""
-    from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer
-
     return build_tokenizer(DataSettings(stage="piano_task", tasks="piano_default",
                                         shard_index=0, shard_count=1))
 
@@ -120,8 +119,6 @@ class TaskView:
 def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_notes: int,
               context_size: int, tokenizer: Any) -> TaskView:
     """The record of `n_notes` notes from note `first`, split by the task as the trainer does."""
-    from piano_gpt_jax.generate import GenerateError, prompt_layout_of, resolve_task, task_prompt
-
     window = notes.iloc[int(first):int(first) + int(n_notes)]
     if len(window) == 0:
         raise AppError(f"no notes from note {first}: the piece has {len(notes)}")

@@ -15,9 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from piano_gpt_jax import sampling
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.models import LoadedModel
 from piano_gpt_jax.app.prompts import Prompt, frame
+from piano_gpt_jax.generate import GenerateError, continuation_prompt, resolve_task, task_prompt
+from piano_gpt_jax.music.midi import write_midi
+from piano_gpt_jax.music.tasks import resolve_tasks
+from piano_gpt_jax.sampling import SamplingSettings
 
 CONTINUATION = "continuation"
 
@@ -67,15 +72,11 @@ class Generation:
 
 def task_names() -> list[str]:
     """Every task of the reference's default set, in its order."""
-    from piano_gpt_jax.music.tasks import resolve_tasks
-
     return [t.task_name for t in resolve_tasks("piano_default")]
 
 
 def supported_tasks(model: LoadedModel) -> list[str]:
     """Tasks whose prompt tokens this checkpoint's vocabulary holds (it was trained on them)."""
-    from piano_gpt_jax.generate import resolve_task
-
     if not model.has_tokens(["<GENAI>"]):
         return []
     return [n for n in task_names() if model.has_tokens(list(resolve_task(n).prefix_tokens))]
@@ -84,13 +85,6 @@ def supported_tasks(model: LoadedModel) -> list[str]:
 def build_prompt(model: LoadedModel, prompt: Prompt, request: Request,
                  ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame | None, float]:
     """(prompt ids, shown prompt notes, removed target or None, time offset of new notes)."""
-    from piano_gpt_jax.generate import (
-        GenerateError,
-        continuation_prompt,
-        resolve_task,
-        task_prompt,
-    )
-
     tok = model.tokenizer
     try:
         if request.task != CONTINUATION:
@@ -115,8 +109,6 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request,
 
 
 def check_request(request: Request) -> None:
-    from piano_gpt_jax.sampling import SamplingSettings
-
     if not 1 <= request.num_samples <= 16:
         raise AppError("number of samples must be between 1 and 16")
     try:
@@ -129,8 +121,6 @@ def check_request(request: Request) -> None:
 
 def generate(model: LoadedModel, prompt: Prompt, request: Request) -> Generation:
     """Sample `request.num_samples` continuations in one batch with the cached jitted sampler."""
-    from piano_gpt_jax import sampling
-
     check_request(request)
     ids, shown, target, offset = build_prompt(model, prompt, request)
     settings = sampling.SamplingSettings(
@@ -156,8 +146,6 @@ def combined(gen: Generation, k: int) -> pd.DataFrame:
 def write_outputs(gen: Generation, directory: Path, checkpoint: str) -> dict[str, Path]:
     """prompt.mid, target.mid, generation_<k>.mid, combined_<k>.mid and tokens.json (prompt and
     new token ids, settings) into `directory`, which the caller created fresh."""
-    from piano_gpt_jax.music.midi import write_midi
-
     files = {"prompt": write_midi(gen.prompt, directory / "prompt.mid")}
     if gen.target is not None:
         files["target"] = write_midi(gen.target, directory / "target.mid")

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from piano_gpt_jax import generate, sampling
 from piano_gpt_jax.app.errors import AppError
+from piano_gpt_jax.checkpoints import load_any_checkpoint
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 CHECKPOINT_SUBDIRS = ("checkpoints", "best")
 
@@ -59,32 +62,28 @@ def list_checkpoints(runs_root: Path) -> list[Path]:
 
 def load_model(path: str | Path) -> LoadedModel:
     """Everything sampling needs from a run directory or a `.pt`; raises AppError."""
-    from piano_gpt_jax import generate, sampling
-    from piano_gpt_jax.checkpoints import load_any_checkpoint
-    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
-
     path = Path(str(path).strip()).expanduser()
     if not str(path) or not path.exists():
         raise AppError(f"checkpoint {str(path)!r} does not exist: give a run directory (with "
                        "checkpoints/ or best/) or a .pt file")
     try:
-        ck = load_any_checkpoint(path)
+        record = load_any_checkpoint(path)
     except Exception as e:  # noqa: BLE001 — orbax/torch raise many types; all mean "unusable"
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AppError(f"cannot load checkpoint {path}: {message[:500]}") from None
-    if ck.tokenizer_desc is None:
+    if record.tokenizer_desc is None:
         raise AppError(f"{path} carries no tokenizer_desc, so its token ids cannot be turned into "
                        "notes; export it with its tokenizer")
     try:
-        tokenizer = ExponentialTimeTokenizer.from_dict(ck.tokenizer_desc)
+        tokenizer = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc)
     except (ValueError, KeyError, TypeError) as e:
         raise AppError(f"the tokenizer of {path} cannot be rebuilt: {e}") from None
-    if tokenizer.vocab_size != ck.model_config.vocab_size:
+    if tokenizer.vocab_size != record.model_config.vocab_size:
         raise AppError(f"{path}: tokenizer ({tokenizer.vocab_size} tokens) and model "
-                       f"({ck.model_config.vocab_size}) disagree; the checkpoint is broken")
-    return LoadedModel(str(path), ck.model_config, ck.params, tokenizer,
+                       f"({record.model_config.vocab_size}) disagree; the checkpoint is broken")
+    return LoadedModel(str(path), record.model_config, record.params, tokenizer,
                        sampling.token_tables(tokenizer),
-                       generate.prompt_layout_of(tokenizer), ck.step)
+                       generate.prompt_layout_of(tokenizer), record.step)
 
 
 def cache_key(path: str | Path) -> tuple[str, float]:

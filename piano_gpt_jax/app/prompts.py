@@ -12,6 +12,7 @@ import pandas as pd
 
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.music import layouts, pieces
+from piano_gpt_jax.music.midi import MidiReadError, read_midi
 
 COLUMNS = ("pitch", "velocity", "start", "end")
 SLICE_MODES = ("notes", "seconds")
@@ -41,8 +42,6 @@ def empty_prompt() -> Prompt:
 def read_upload(data: bytes, name: str, scratch: Path) -> pd.DataFrame:
     """Notes of an uploaded MIDI file. The bytes are written into the app's own scratch directory
     because the MIDI reader needs a path; the user's file is never touched."""
-    from piano_gpt_jax.music.midi import MidiReadError, read_midi
-
     if not data:
         raise AppError(f"the uploaded file {name!r} is empty; upload a .mid/.midi file")
     path = scratch / "upload.mid"

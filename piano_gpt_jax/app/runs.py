@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from piano_gpt_jax.checkpoints.record import CheckpointError, RunMeta
+from piano_gpt_jax.checkpoints.errors import CheckpointError
+from piano_gpt_jax.checkpoints.record import RunMeta
 from piano_gpt_jax.config import flatten
 
 METRICS_FILE = "metrics.jsonl"

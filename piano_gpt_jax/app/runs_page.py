@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -52,8 +53,6 @@ def render() -> None:
 
 def _line_chart(df: pd.DataFrame, x: str, y: str, colour: str, log_y: bool = False,
                 dash: str | None = None):
-    import altair as alt
-
     encodings = dict(
         x=alt.X(f"{x}:Q", title=x),
         y=alt.Y(f"{y}:Q", title=y, scale=alt.Scale(type="log" if log_y else "linear",

@@ -7,6 +7,16 @@ import json
 import math
 from pathlib import Path
 
+import jax
+import numpy as np
+import optax
+import pandas as pd
+
+from piano_gpt_jax import checkpoints, sampling
+from piano_gpt_jax.data.pipeline import build_tokenizer
+from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.model import ModelConfig, forward, init_params
+
 RUN_CONFIG = {"data": {"context_size": 96, "notes_per_record": 24},
               "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_size": 96},
               "tasks": "piano_medium", "optimizer": {"max_iters": 40}}
@@ -15,8 +25,6 @@ RUN_CONFIG = {"data": {"context_size": 96, "notes_per_record": 24},
 def save_checkpoint(run_dir: Path, cfg, params, tokenizer_desc: dict, config: dict,
                     step: int) -> None:
     """Our run directory with one model checkpoint, as load_any_checkpoint reads it."""
-    from piano_gpt_jax import checkpoints
-
     record = checkpoints.CheckpointRecord(cfg, params, tokenizer_desc,
                                           checkpoints.RunMeta(step=step, config=config))
     checkpoints.save_model_checkpoint(run_dir, record)
@@ -28,9 +36,6 @@ ARPEGGIO = (60, 64, 67, 64)  # C-E-G-E: few pitches, so even a minute-old model 
 def arpeggio_notes(n_notes: int = 240, step_s: float = 0.25):
     """A monophonic C-major arpeggio, a quarter second per note: the tiny model's training data
     and an in-distribution prompt for tests that need generated notes."""
-    import numpy as np
-    import pandas as pd
-
     pitch = np.resize(np.array(ARPEGGIO), n_notes)
     start = np.arange(n_notes) * step_s
     return pd.DataFrame({"pitch": pitch, "velocity": np.full(n_notes, 80), "start": start,
@@ -44,13 +49,6 @@ def make_tiny_run(run_dir: Path, tasks: str = "piano_medium", steps: int = 100) 
     A freshly initialised model almost never closes a note in a few dozen tokens (the vocabulary
     is mostly special tokens), so "generation produces notes" needs this little fit.
     """
-    import jax
-    import numpy as np
-    import optax
-
-    from piano_gpt_jax import sampling
-    from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer
-    from piano_gpt_jax.model import ModelConfig, forward, init_params
 
     settings = DataSettings(stage="piano_task", tasks=tasks, context_size=96,
                             notes_per_record=24, batch_size=2, use_time_steps=True,

@@ -2,9 +2,9 @@
 format (torch_format.py, torch imported lazily), and the run config in both vocabularies
 (run_config.py)."""
 
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import (
     AdamState,
-    CheckpointError,
     CheckpointRecord,
     RunMeta,
     jsonable,

@@ -16,13 +16,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from piano_gpt_jax.checkpoints.run_config import split_run_config
 from piano_gpt_jax.model import ModelConfig
 
 SCHEMA_VERSION = 2
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
 def jsonable(obj: Any) -> Any:
@@ -83,8 +80,6 @@ class RunMeta:
         if d.get("schema") == SCHEMA_VERSION:
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in d.items() if k in names})
-        from piano_gpt_jax.checkpoints.run_config import split_run_config  # pure, no cycle
-
         config, reference = split_run_config(d.get("run_config"))
         step = d.get("step", d.get("iteration"))
         return cls(

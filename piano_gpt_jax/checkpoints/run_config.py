@@ -19,13 +19,16 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from piano_gpt_jax import config as config_lib
-from piano_gpt_jax.checkpoints.record import CheckpointError, RunMeta
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.model import ModelConfig
 from piano_gpt_jax.music.layouts import ANNOTATED, PLAIN, check_prompt_layout
 from piano_gpt_jax.music.tasks import PianoTask, resolve_tasks
+
+if TYPE_CHECKING:
+    from piano_gpt_jax.checkpoints.record import RunMeta
 
 OUR_KEY = "piano_gpt_jax"
 TOKENIZER_CLASS = "ExponentialTimeTokenizer"
@@ -109,11 +112,12 @@ def translate_reference(rc: Mapping) -> dict:
     _put(flat, "data.context_size", get("training.context_size"))
     _put(flat, "data.notes_per_record",
          get("training.notes_per_record", get("training.max_notes_per_record")))
-    gas, batch, micro = (get(f"training.{k}") for k in
-                         ("gradient_accumulation_steps", "batch_size", "microbatch_size"))
-    if isinstance(batch, int) and isinstance(gas, int) and gas > 0:
-        _put(flat, "data.batch_size", batch // gas)
-        _put(flat, "optimizer.gradient_accumulation_steps", gas)
+    accumulation_steps, batch, micro = (
+        get(f"training.{key}")
+        for key in ("gradient_accumulation_steps", "batch_size", "microbatch_size"))
+    if isinstance(batch, int) and isinstance(accumulation_steps, int) and accumulation_steps > 0:
+        _put(flat, "data.batch_size", batch // accumulation_steps)
+        _put(flat, "optimizer.gradient_accumulation_steps", accumulation_steps)
     elif isinstance(batch, int) and isinstance(micro, int) and micro > 0:
         _put(flat, "data.batch_size", micro)
         _put(flat, "optimizer.gradient_accumulation_steps", max(batch // micro, 1))
@@ -186,16 +190,16 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
     stage = c["stage"]
     layout = check_prompt_layout(meta.prompt_layout or (
         ANNOTATED if model_cfg_has_time(ours) else PLAIN))
-    gas = int(c["optimizer.gradient_accumulation_steps"])
+    accumulation_steps = int(c["optimizer.gradient_accumulation_steps"])
     n_devices = max(int(meta.n_devices or 1), 1)
     micro = int(c["data.batch_size"])
     training: dict[str, Any] = {
         "prompt_masking": c["loss_masking"] == "finetuning",
         "context_size": int(c["data.context_size"]),
         "notes_per_record": int(c["data.notes_per_record"]),
-        "batch_size": micro * gas,  # global: what the model sees per update
+        "batch_size": micro * accumulation_steps,  # global: what the model sees per update
         "microbatch_size": max(micro // n_devices, 1),  # per device
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": accumulation_steps,
     }
     if stage == "piano_task" and layout == ANNOTATED:
         n = int(c["data.notes_per_record"])

@@ -29,14 +29,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import (
     AdamState,
-    CheckpointError,
     CheckpointRecord,
     RunMeta,
     jsonable,
 )
+from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
+from piano_gpt_jax.config import ConfigError, build_train_config
 from piano_gpt_jax.model import ModelConfig, init_params
+from piano_gpt_jax.optim import ADAM_EPS, adam_state, make_optimizer, schedule_lr
+from piano_gpt_jax.precision import Precision
+from piano_gpt_jax.train_step import init_train_state
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"  # written by earlier versions; read only
@@ -162,11 +167,6 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
 
 
 def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
-    from piano_gpt_jax.config import ConfigError, build_train_config
-    from piano_gpt_jax.optim import ADAM_EPS, adam_state, make_optimizer, schedule_lr
-    from piano_gpt_jax.precision import Precision
-    from piano_gpt_jax.train_step import init_train_state
-
     try:
         optim = build_train_config(record.meta.config).optim
     except ConfigError as e:
@@ -199,8 +199,6 @@ def load_any_checkpoint(path: str | Path, with_optimizer: bool = False) -> Check
     directories."""
     path = Path(path)
     if path.is_file():
-        from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
-
         return load_torch_checkpoint(path, with_optimizer=with_optimizer)
     return load_model_checkpoint(path, with_optimizer=with_optimizer)
 

@@ -48,10 +48,10 @@ def test_round_trip_and_path_forms(tmp_path):
     step_dir = save_model_checkpoint(run, CheckpointRecord(CFG, params, desc, meta))
     assert step_dir == run / "checkpoints" / "12"
     for path in (run, run / "checkpoints", step_dir):
-        ck = load_model_checkpoint(path)
-        assert ck.model_config == CFG and ck.step == 12 and ck.tokenizer_desc == desc
-        assert ck.meta == RunMeta(step=12, val_loss=2.5, config={"tasks": ["a", "b"]})
-        assert _same(ck.params, params)
+        record = load_model_checkpoint(path)
+        assert record.model_config == CFG and record.step == 12 and record.tokenizer_desc == desc
+        assert record.meta == RunMeta(step=12, val_loss=2.5, config={"tasks": ["a", "b"]})
+        assert _same(record.params, params)
     assert load_any_checkpoint(run).step == 12
 
 
@@ -68,10 +68,10 @@ def test_runs_written_before_the_record_schema_still_load(tmp_path):
                                             meta=ocp.args.JsonSave(old_meta)))
     manager.wait_until_finished()
     manager.close()
-    ck = load_model_checkpoint(tmp_path / "run")
-    assert ck.step == 5 and ck.meta.total_tokens == 640 and ck.meta.val_loss == 3.5
-    assert ck.meta.config == {"data": {"batch_size": 4}, "stage": "piano_task"}
-    assert _same(ck.params, params)
+    record = load_model_checkpoint(tmp_path / "run")
+    assert record.step == 5 and record.meta.total_tokens == 640 and record.meta.val_loss == 3.5
+    assert record.meta.config == {"data": {"batch_size": 4}, "stage": "piano_task"}
+    assert _same(record.params, params)
 
 
 def test_refusals(tmp_path):
@@ -100,8 +100,8 @@ def test_load_any_checkpoint_reads_a_torch_file(tmp_path):
     torch.manual_seed(0)
     params = state_dict_to_params(cfg, TorchGPT(cfg).state_dict())
     save_torch_checkpoint(tmp_path / "m.pt", CheckpointRecord(cfg, params, meta=RunMeta(step=9)))
-    ck = load_any_checkpoint(tmp_path / "m.pt")
-    assert ck.model_config == cfg and ck.step == 9 and _same(ck.params, params)
+    record = load_any_checkpoint(tmp_path / "m.pt")
+    assert record.model_config == cfg and record.step == 9 and _same(record.params, params)
 
 
 # ------------------------------------------------------------------------------ training
@@ -125,13 +125,13 @@ def record(step, val):
 
 def test_round_trip_of_state_meta_and_data(tmp_path):
     state = trained_state()
-    ck = TrainCheckpointer(tmp_path, keep_last=2)
-    ck.save(5, state, record(5, 3.0), {"position": 17, "nested": [1, 2]}, val_loss=3.0)
-    ck.wait()
+    checkpointer = TrainCheckpointer(tmp_path, keep_last=2)
+    checkpointer.save(5, state, record(5, 3.0), {"position": 17, "nested": [1, 2]}, val_loss=3.0)
+    checkpointer.wait()
     fresh = replicate(init_train_state(init_params(TRAIN_CFG, jax.random.PRNGKey(9)),
                                        make_optimizer(OPT), 0, Precision("float16")), make_mesh())
-    restored, m, data = ck.restore(ck.latest_step(), fresh)
-    ck.close()
+    restored, m, data = checkpointer.restore(checkpointer.latest_step(), fresh)
+    checkpointer.close()
     assert data == {"position": 17, "nested": [1, 2]}
     assert RunMeta.from_json(m["metadata"]).total_tokens == 50
     assert type(restored["opt_state"]) is type(state["opt_state"])  # a real optax state again
@@ -140,13 +140,13 @@ def test_round_trip_of_state_meta_and_data(tmp_path):
 
 def test_keeps_last_n_and_the_best_and_never_a_nan_best(tmp_path):
     state = trained_state()
-    ck = TrainCheckpointer(tmp_path, keep_last=2)
+    checkpointer = TrainCheckpointer(tmp_path, keep_last=2)
     for step, val in [(1, 5.0), (2, 4.0), (3, 4.5), (4, float("nan")), (5, 4.2)]:
-        ck.save(step, state, record(step, val), {}, val_loss=val)
-    ck.wait()
-    assert ck.latest_step() == 5 and ck.best_step() == 2
+        checkpointer.save(step, state, record(step, val), {}, val_loss=val)
+    checkpointer.wait()
+    assert checkpointer.latest_step() == 5 and checkpointer.best_step() == 2
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 5]
-    ck.close()
+    checkpointer.close()
     reopened = TrainCheckpointer(tmp_path, keep_last=2)
     assert reopened.best_step() == 2 and reopened.latest_step() == 5
     reopened.close()

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from piano_gpt_jax.checkpoints.record import CheckpointError
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.model import N_TIME_STEPS, ModelConfig
 
 COMPILE_PREFIX = "_orig_mod."

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from piano_gpt_jax.checkpoints import state_dict as sd_lib
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.omegaconf_stubs import allowed_globals, to_plain
 from piano_gpt_jax.checkpoints.record import (
     AdamState,
-    CheckpointError,
     CheckpointRecord,
     RunMeta,
     jsonable,

@@ -32,15 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _logit_diff(path: Path, model: TorchGPT) -> float:
-    ck = load_torch_checkpoint(path)
-    cfg = ck.model_config
+    record = load_torch_checkpoint(path)
+    cfg = record.model_config
     g = torch.Generator().manual_seed(5)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_size), generator=g)
     steps = torch.randint(0, 300, (2, cfg.context_size), generator=g) \
         if cfg.use_time_embedding else None
     with torch.no_grad():
         ref = model.eval()(idx, steps).numpy()
-    ours = np.asarray(forward(cfg, ck.params, jnp.asarray(idx.numpy()),
+    ours = np.asarray(forward(cfg, record.params, jnp.asarray(idx.numpy()),
                               None if steps is None else jnp.asarray(steps.numpy())))
     return float(np.abs(ours - ref).max())
 
@@ -48,13 +48,13 @@ def _logit_diff(path: Path, model: TorchGPT) -> float:
 @pytest.mark.parametrize("bias,time", [(False, False), (True, True)])
 def test_reference_checkpoint_loads_and_matches(reference_checkpoint, bias, time):
     path, model = reference_checkpoint(bias=bias, time=time)
-    ck = load_torch_checkpoint(path)
-    cfg = ck.model_config
+    record = load_torch_checkpoint(path)
+    cfg = record.model_config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.use_time_embedding) == \
         (2, 2, 16, bias, time)
     assert cfg.vocab_size == 61 and cfg.context_size == 24  # inferred / interpolation resolved
-    meta = ck.meta
-    assert ck.step == 501 and meta.total_tokens == 123456 and meta.best_val_loss == 4.5
+    meta = record.meta
+    assert record.step == 501 and meta.total_tokens == 123456 and meta.best_val_loss == 4.5
     assert meta.run_name == "0M-pretraining-test" and meta.val_loss == 4.5
     reference = meta.reference_run_config
     assert reference["model"]["context_size"] == 24
@@ -65,17 +65,17 @@ def test_reference_checkpoint_loads_and_matches(reference_checkpoint, bias, time
     assert meta.config["data"] == {"context_size": 24, "batch_size": 8}
     assert meta.config["optimizer"]["gradient_accumulation_steps"] == 8
     assert meta.config["dataset"]["extra_datasets"] == ("epr-labs/piano-midi-de",)
-    assert len(ck.tokenizer_desc["parameters"]["vocab"]) == 61
+    assert len(record.tokenizer_desc["parameters"]["vocab"]) == 61
     json.dumps(meta.to_json())
     assert _logit_diff(path, model) < 1e-5
 
 
 def test_legacy_checkpoint_loads(reference_checkpoint):
     path, model = reference_checkpoint(bias=False, time=False, layout="legacy")
-    ck = load_torch_checkpoint(path)
-    assert ck.step == 2000 and ck.meta.best_val_loss == 3.5
-    assert ck.meta.train_loss == 3.25 and ck.meta.run_name == "legacy-run"
-    assert ck.meta.wandb_id == "abc" and ck.meta.extra["wandb"] == "https://wandb.ai/x"
+    record = load_torch_checkpoint(path)
+    assert record.step == 2000 and record.meta.best_val_loss == 3.5
+    assert record.meta.train_loss == 3.25 and record.meta.run_name == "legacy-run"
+    assert record.meta.wandb_id == "abc" and record.meta.extra["wandb"] == "https://wandb.ai/x"
     assert _logit_diff(path, model) < 1e-5
 
 
@@ -107,10 +107,10 @@ def test_loads_without_omegaconf_installed(reference_checkpoint):
         import sys
         sys.modules["omegaconf"] = None  # any import of omegaconf now fails
         from converters import load_torch_checkpoint
-        ck = load_torch_checkpoint({str(path)!r})
+        record = load_torch_checkpoint({str(path)!r})
         assert "omegaconf" not in [m for m, v in sys.modules.items() if v is not None]
-        print(ck.model_config.context_size, ck.model_config.bias, ck.step,
-              ck.meta.reference_run_config["model"]["context_size"])
+        print(record.model_config.context_size, record.model_config.bias, record.step,
+              record.meta.reference_run_config["model"]["context_size"])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)

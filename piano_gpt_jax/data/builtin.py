@@ -37,13 +37,14 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from piano_gpt_jax.data.sources import (
+from piano_gpt_jax.data.piano_dataset import (
     SPLITS,
     default_cache_root,
     make_piano_dataset,
@@ -130,62 +131,86 @@ def _fold_pitches(pitch: np.ndarray) -> np.ndarray:
 
 
 def render_score(path: str, composer: str) -> tuple[dict, str] | None:
-    """Parse one corpus score and render it to a piece; None when it holds no usable notes."""
-    import warnings
+    """Parse one corpus score and render it to a piece; None when it holds no usable notes.
 
-    from music21 import converter, dynamics, tempo
+    Steps: parse → tempo map → every part's notes (ties joined, dynamics as velocity levels) →
+    a performance (beat accents, seeded jitter, seconds) → cleaned notes and the source JSON.
+    """
+    from music21 import converter, tempo
 
     with warnings.catch_warnings():
         # Corpus files trip music21's MusicXML pedantry (overfull measures); the notes are fine.
         warnings.simplefilter("ignore")
         score = converter.parse(path, forceSource=True)
-    parts = list(getattr(score, "parts", [])) or [score]
     marks = []
     for mark in score.flatten().getElementsByClass(tempo.MetronomeMark):
         qpm = mark.getQuarterBPM()
         if qpm:
             marks.append((float(mark.offset), float(qpm)))
-    to_sec = _seconds_map(marks)
-
     onsets, lengths, pitches, levels = [], [], [], []
-    for part in parts:
-        flat = part.flatten()
-        dyn = [
-            (float(d.offset), DYNAMIC_VELOCITY[d.value])
-            for d in flat.getElementsByClass(dynamics.Dynamic)
-            if d.value in DYNAMIC_VELOCITY
-        ]
-        dyn_offsets = np.array([d[0] for d in dyn] or [0.0])
-        dyn_levels = np.array([d[1] for d in dyn] or [DEFAULT_VELOCITY])
-        open_ties: dict[int, int] = {}  # midi pitch -> index of the note a tie continues
-        first = len(onsets)
-        for element in flat.notes:
-            offset = float(element.offset)
-            length = float(element.quarterLength)
-            if length <= 0:
-                continue
-            for p in element.pitches:
-                midi = int(p.midi)
-                tie = element.tie.type if element.tie is not None else None
-                if tie in ("stop", "continue") and midi in open_ties:
-                    idx = open_ties[midi]
-                    lengths[idx] = offset + length - onsets[idx]
-                    if tie == "stop":
-                        del open_ties[midi]
-                    continue
-                onsets.append(offset)
-                lengths.append(length)
-                pitches.append(midi)
-                if tie in ("start", "continue"):
-                    open_ties[midi] = len(onsets) - 1
-                else:
-                    open_ties.pop(midi, None)
-        part_onsets = np.array(onsets[first:], dtype=np.float64)
-        k = np.clip(np.searchsorted(dyn_offsets, part_onsets, side="right") - 1, 0, None)
-        levels.extend(np.where(part_onsets >= dyn_offsets[0], dyn_levels[k], DEFAULT_VELOCITY))
+    for part in list(getattr(score, "parts", [])) or [score]:
+        part_onsets, part_lengths, part_pitches, part_levels = _part_notes(part)
+        onsets += part_onsets
+        lengths += part_lengths
+        pitches += part_pitches
+        levels.extend(part_levels)
     if not onsets:
         return None
+    notes = _perform(path, _seconds_map(marks), onsets, lengths, pitches, levels)
+    piece, _ = clean_notes(notes)
+    if len(piece["pitch"]) == 0:
+        return None
+    return piece, _source_json(path, composer, score, marks)
 
+
+def _part_notes(part) -> tuple[list[float], list[float], list[int], np.ndarray]:
+    """(onsets, lengths in quarters, MIDI pitches, dynamic levels) of one part; a tied note is one
+    note whose length spans the tie."""
+    from music21 import dynamics
+
+    flat = part.flatten()
+    dyn = [
+        (float(d.offset), DYNAMIC_VELOCITY[d.value])
+        for d in flat.getElementsByClass(dynamics.Dynamic)
+        if d.value in DYNAMIC_VELOCITY
+    ]
+    dyn_offsets = np.array([d[0] for d in dyn] or [0.0])
+    dyn_levels = np.array([d[1] for d in dyn] or [DEFAULT_VELOCITY])
+    onsets: list[float] = []
+    lengths: list[float] = []
+    pitches: list[int] = []
+    open_ties: dict[int, int] = {}  # midi pitch -> index of the note a tie continues
+    for element in flat.notes:
+        offset = float(element.offset)
+        length = float(element.quarterLength)
+        if length <= 0:
+            continue
+        for p in element.pitches:
+            midi = int(p.midi)
+            tie = element.tie.type if element.tie is not None else None
+            if tie in ("stop", "continue") and midi in open_ties:
+                idx = open_ties[midi]
+                lengths[idx] = offset + length - onsets[idx]
+                if tie == "stop":
+                    del open_ties[midi]
+                continue
+            onsets.append(offset)
+            lengths.append(length)
+            pitches.append(midi)
+            if tie in ("start", "continue"):
+                open_ties[midi] = len(onsets) - 1
+            else:
+                open_ties.pop(midi, None)
+    part_onsets = np.array(onsets, dtype=np.float64)
+    level_index = np.clip(np.searchsorted(dyn_offsets, part_onsets, side="right") - 1, 0, None)
+    levels = np.where(part_onsets >= dyn_offsets[0], dyn_levels[level_index], DEFAULT_VELOCITY)
+    return onsets, lengths, pitches, levels
+
+
+def _perform(path: str, to_sec, onsets: list[float], lengths: list[float], pitches: list[int],
+             levels: list) -> dict[str, np.ndarray]:
+    """Score notes played: accents on the beat and a jitter seeded by the file's path, so the
+    built-in dataset is the same on every machine."""
     onset_q = np.asarray(onsets, dtype=np.float64)
     end_q = onset_q + np.asarray(lengths, dtype=np.float64)
     rng = np.random.default_rng(zlib.crc32(path.encode()))
@@ -193,15 +218,15 @@ def render_score(path: str, composer: str) -> tuple[dict, str] | None:
     velocity = np.asarray(levels, dtype=np.int64) + np.where(on_beat, 4, -2)
     velocity = velocity + rng.integers(-4, 5, size=len(onset_q))
     start = to_sec(onset_q)
-    notes = {
+    return {
         "pitch": _fold_pitches(np.asarray(pitches, dtype=np.int64)),
         "velocity": velocity,
         "start": start - start.min(),
         "end": to_sec(end_q) - start.min(),
     }
-    piece, _ = clean_notes(notes)
-    if len(piece["pitch"]) == 0:
-        return None
+
+
+def _source_json(path: str, composer: str, score, marks: list[tuple[float, float]]) -> str:
     rel = path.replace("\\", "/").split("/corpus/")[-1]
     title = None
     if score.metadata is not None:  # music21 puts the file name in `title` when there is none
@@ -214,7 +239,7 @@ def render_score(path: str, composer: str) -> tuple[dict, str] | None:
         "corpus_path": rel,
         "tempo_qpm": round(float(marks[0][1]), 2) if marks else DEFAULT_QPM,
     }
-    return piece, json.dumps(source, ensure_ascii=False)
+    return json.dumps(source, ensure_ascii=False)
 
 
 def _render_job(job: tuple[str, str]):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.data import builtin
-from piano_gpt_jax.data.sources import SPLITS, load_piano_dataset, piano_features
+from piano_gpt_jax.data.piano_dataset import SPLITS, piano_features
+from piano_gpt_jax.data.sources import load_piano_dataset
 from piano_gpt_jax.music.layouts import composer_key
 
 

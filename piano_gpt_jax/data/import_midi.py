@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from piano_gpt_jax.data.sources import (
+from piano_gpt_jax.data.piano_dataset import (
     SPLITS,
     list_midi_files,
     make_piano_dataset,

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 
 from piano_gpt_jax.data.records import Augmentation
 
@@ -99,7 +100,6 @@ def index_stream(
 
 def _ensure_absl_flags_parsed() -> None:
     # Grain worker processes read absl flags; a program that never parsed them would crash there.
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

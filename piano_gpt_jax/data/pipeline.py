@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import datasets
 import numpy as np
 
 from piano_gpt_jax.config import TokenizerSection
 from piano_gpt_jax.data import loader
 from piano_gpt_jax.data.records import NextTokenRecords, PianoTaskRecords, PieceStore
-from piano_gpt_jax.data.settings import DataSettings  # noqa: F401 — the pipeline's input
+from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.data.sources import load_piano_dataset
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.layouts import (
     ANNOTATED,
@@ -129,14 +131,10 @@ def build_tokenizer(
 
 
 def _load_dataset(name: str, required_splits: tuple[str, ...]):
-    from piano_gpt_jax.data.sources import load_piano_dataset
-
     return load_piano_dataset(name, required_splits=required_splits)
 
 
 def _train_split(settings: DataSettings, base):
-    import datasets
-
     names = list(settings.extra_datasets)
     if not names:
         if "train" not in base:

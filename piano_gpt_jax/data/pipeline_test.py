@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.data import pipeline
-from piano_gpt_jax.data.pipeline import DataSettings, build_tokenizer, make_pipeline
+from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.settings import DataSettings
 
 COMPOSERS = ["Frédéric Chopin", "Johann Sebastian Bach", "Wolfgang Amadeus Mozart", "Franz Liszt"]
 

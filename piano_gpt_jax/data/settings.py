@@ -1,25 +1,31 @@
-"""The data path's settings: one typed object from the config (TrainConfig.data_settings) to
+"""The data path's settings: one typed object from the config (DataSettings.from_config) to
 the tokenizer, records and loader. Defaults are the config's own (config.py declares each key
-once); only what the data path adds (process shards, the time steps switch) is new here.
+once); only what the data path adds (process shards, the time steps switch) is new here. No JAX:
+the trainer passes this process's shard in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from piano_gpt_jax.config import (
     LOSS_MASKINGS,
     STAGES,
     AugmentationSection,
+    ConfigError,
     DataSection,
     DatasetSection,
     TokenizerSection,
     TrainConfig,
+    build_train_config,
 )
 from piano_gpt_jax.data.records import Augmentation
 from piano_gpt_jax.music.layouts import check_prompt_layout
+
+if TYPE_CHECKING:
+    from piano_gpt_jax.checkpoints import CheckpointRecord
 
 _RUN, _DATA, _DATASET, _AUG = TrainConfig(), DataSection(), DatasetSection(), AugmentationSection()
 
@@ -44,8 +50,8 @@ class DataSettings:
         default_factory=lambda: dataclasses.asdict(TokenizerSection()))
     eval_splits: Any = _DATA.eval_splits
     prompt_layout: str = _DATA.prompt_layout  # "auto" | "annotated" | "plain"
-    shard_index: int = field(default_factory=lambda: _process()[0])  # this process's shard
-    shard_count: int = field(default_factory=lambda: _process()[1])
+    shard_index: int = 0  # this process's shard of every batch (jax.process_index())
+    shard_count: int = 1  # jax.process_count()
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -71,6 +77,23 @@ class DataSettings:
         if self.max_pitch_shift < 0:
             raise ValueError(f"max_pitch_shift must be >= 0, got {self.max_pitch_shift}")
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, **overrides: Any) -> DataSettings:
+        """The data pipeline's settings of run config `cfg` (overrides win)."""
+        d, ds = cfg.data, cfg.dataset
+        values = dict(
+            stage=cfg.stage, loss_masking=cfg.loss_masking, tasks=cfg.tasks,
+            base_dataset_name=ds.base_dataset_name, extra_datasets=ds.extra_datasets,
+            pause_detection_threshold=ds.pause_detection_threshold,
+            speed_change_factors=ds.augmentation.speed_change_factors,
+            max_pitch_shift=ds.augmentation.max_pitch_shift, batch_size=d.batch_size,
+            context_size=d.context_size, notes_per_record=d.notes_per_record,
+            data_workers=cfg.system.data_workers, seed=cfg.seed,
+            use_time_steps=cfg.model.use_time_embedding,
+            tokenizer_config=dataclasses.asdict(cfg.tokenizer), eval_splits=d.eval_splits,
+            prompt_layout=d.prompt_layout)
+        return cls(**{**values, **overrides})
+
     @property
     def host_batch_size(self) -> int:
         return self.batch_size // self.shard_count
@@ -80,8 +103,31 @@ class DataSettings:
         return Augmentation(int(self.max_pitch_shift), tuple(self.speed_change_factors))
 
 
-def _process() -> tuple[int, int]:
-    """(index, count) of this JAX process (imported here only: the data path needs no JAX)."""
-    import jax
-
-    return jax.process_index(), jax.process_count()
+def settings_for_checkpoint(record: CheckpointRecord, dataset: str | None = None,
+                            stage: str | None = None) -> DataSettings:
+    """The run's data settings (from the checkpoint's run config, ours or piano-gpt's), with
+    overrides. A checkpoint without a usable run config gets defaults matching the model.
+    Only one process's view is needed here, and no extra training datasets.
+    """
+    run = None
+    if record.meta.config:  # ours, or translated from piano-gpt's run_config
+        try:
+            run = build_train_config(record.meta.config)
+        except ConfigError:  # e.g. a piano-gpt config our validation rejects: defaults
+            run = None
+    overrides: dict[str, Any] = dict(
+        use_time_steps=record.model_config.use_time_embedding, extra_datasets=(), data_workers=0,
+        shard_index=0, shard_count=1, max_pitch_shift=0, speed_change_factors=())
+    if dataset:
+        overrides["base_dataset_name"] = dataset
+    if stage:
+        overrides["stage"] = stage
+        if stage != "piano_task":
+            overrides["loss_masking"] = "pretraining"
+    if run is None:
+        settings = DataSettings(**{"stage": "piano_task", "base_dataset_name": "builtin",
+                                   "batch_size": 1, **overrides})
+    else:
+        settings = DataSettings.from_config(run, **overrides)
+    return dataclasses.replace(
+        settings, context_size=min(settings.context_size, record.model_config.context_size))

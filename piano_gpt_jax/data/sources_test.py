@@ -6,7 +6,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 
-from piano_gpt_jax.data import builtin, sources
+from piano_gpt_jax.data import piano_dataset, sources
 from piano_gpt_jax.data.sources import DatasetSourceError, load_piano_dataset
 
 
@@ -39,23 +39,23 @@ def _tiny_dict():
     }
     source = json.dumps({"composer": "Johann Sebastian Bach", "title": "t", "dataset": "x"})
     return datasets.DatasetDict(
-        {s: sources.make_piano_dataset([piece], [source]) for s in sources.SPLITS}
+        {s: piano_dataset.make_piano_dataset([piece], [source]) for s in piano_dataset.SPLITS}
     )
 
 
 def test_make_piano_dataset_matches_reference_schema():
     ds = _tiny_dict()["train"]
-    assert ds.features == sources.piano_features()
+    assert ds.features == piano_dataset.piano_features()
     row = ds[0]
     assert row["notes"]["pitch"] == [60, 64]
     assert row["notes"]["end"] == [0.4, 1.0]
     assert json.loads(row["source"])["composer"] == "Johann Sebastian Bach"
-    empty = sources.make_piano_dataset([], [])
-    assert len(empty) == 0 and empty.features == sources.piano_features()
+    empty = piano_dataset.make_piano_dataset([], [])
+    assert len(empty) == 0 and empty.features == piano_dataset.piano_features()
 
 
 def test_saved_dataset_directory_round_trips(tmp_path):
-    out = sources.save_atomically(_tiny_dict(), tmp_path / "saved")
+    out = piano_dataset.save_atomically(_tiny_dict(), tmp_path / "saved")
     loaded = load_piano_dataset(str(out))
     assert {s: len(loaded[s]) for s in loaded} == {"train": 1, "validation": 1, "test": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # temp dir cleaned up
@@ -64,7 +64,7 @@ def test_saved_dataset_directory_round_trips(tmp_path):
 def test_midi_folder_is_imported_and_cached(midi_folder, cache):
     loaded = load_piano_dataset(str(midi_folder))
     total = sum(len(loaded[s]) for s in loaded)
-    assert total == 3 and all(len(loaded[s]) == 1 for s in sources.SPLITS)
+    assert total == 3 and all(len(loaded[s]) == 1 for s in piano_dataset.SPLITS)
     notes = sum(len(r["notes"]["pitch"]) for s in loaded for r in loaded[s])
     assert notes == 2367 + 3142 + 5323
     composers = {json.loads(r["source"])["composer"] for s in loaded for r in loaded[s]}
@@ -76,7 +76,7 @@ def test_midi_folder_is_imported_and_cached(midi_folder, cache):
 
 
 def test_builtin_name_dispatches_to_builtin(monkeypatch):
-    monkeypatch.setattr(builtin, "load_builtin_dataset", _tiny_dict)
+    monkeypatch.setattr(sources, "load_builtin_dataset", _tiny_dict)
     assert len(load_piano_dataset("builtin")["validation"]) == 1
 
 
@@ -106,7 +106,7 @@ def test_missing_splits_and_columns_are_named(tmp_path):
     bad = datasets.DatasetDict(
         {
             s: datasets.Dataset.from_dict({"notes": [{"pitch": [60]}], "source": ["{}"]})
-            for s in sources.SPLITS
+            for s in piano_dataset.SPLITS
         }
     )
     bad.save_to_disk(str(tmp_path / "nocols"))
