@@ -292,14 +292,19 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{"a.b": 1} -> {"a": {"b": 1}}: the inverse of `flatten`."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
+    return set_dotted({}, flat)
+
+
+def set_dotted(nested: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set {"a.b": 1}-style keys inside a nested dict (in place; returned for chaining), the way
+    `--config.a.b=1` overrides a config file."""
+    for key, value in overrides.items():
+        node = nested
         *parents, leaf = str(key).split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return out
+    return nested
 
 
 def complete(nested: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax import pianoroll, sampling
-from piano_gpt_jax.checkpoints import load_any_checkpoint
+from piano_gpt_jax.checkpoints import CheckpointError, load_any_checkpoint
 from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.data.sources import load_piano_dataset
 from piano_gpt_jax.music import layouts, pieces
@@ -289,17 +289,10 @@ def _load_model(args: argparse.Namespace, load_checkpoint) -> tuple[Any, Exponen
         record = load_checkpoint(args.checkpoint)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise GenerateError(f"cannot load checkpoint {args.checkpoint}: {e}") from None
-    if record.tokenizer_desc is None:
-        raise GenerateError(f"{args.checkpoint} carries no tokenizer_desc, so its token ids "
-                            "cannot be decoded; export it with its tokenizer")
     try:
-        tokenizer = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc)
-    except (ValueError, KeyError) as e:
-        raise GenerateError(f"the checkpoint's tokenizer cannot be rebuilt: {e}") from None
-    if tokenizer.vocab_size != record.model_config.vocab_size:
-        raise GenerateError(f"tokenizer ({tokenizer.vocab_size} tokens) and model "
-                            f"({record.model_config.vocab_size}) disagree; the checkpoint is "
-                            "broken")
+        tokenizer = record.tokenizer(str(args.checkpoint))
+    except CheckpointError as e:
+        raise GenerateError(str(e)) from None
     return record, tokenizer
 
 

@@ -23,7 +23,7 @@ from converters.torch_model import TorchGPT, masked_cross_entropy
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.checkpoints import load_model_checkpoint
 from piano_gpt_jax.checkpoints.torch_format import params_to_state_dict
-from piano_gpt_jax.config import build_train_config
+from piano_gpt_jax.config import build_train_config, set_dotted
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig
@@ -50,13 +50,7 @@ def run_config(dataset: Path, out_dir: Path, max_iters: int, **over) -> dict:
         "logging": {"log_interval": 100},
         "checkpoint": {"keep_last": 2},
     }
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def reference_lr(it: int) -> float:

@@ -108,24 +108,23 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request,
     return ids, prompt.notes, None, offset
 
 
-def check_request(request: Request) -> None:
+def check_request(request: Request) -> SamplingSettings:
+    """The sampler's settings for a request (the page's widgets are flat fields); AppError if the
+    request asks for something the sampler refuses."""
     if not 1 <= request.num_samples <= 16:
         raise AppError("number of samples must be between 1 and 16")
     try:
-        SamplingSettings(temperature=request.temperature, top_k=request.top_k,
-                         top_p=request.top_p, min_p=request.min_p,
-                         max_new_tokens=request.max_new_tokens, seed=request.seed)
+        return SamplingSettings(temperature=request.temperature, top_k=request.top_k,
+                                top_p=request.top_p, min_p=request.min_p,
+                                max_new_tokens=request.max_new_tokens, seed=request.seed)
     except ValueError as e:
         raise AppError(str(e)) from None
 
 
 def generate(model: LoadedModel, prompt: Prompt, request: Request) -> Generation:
     """Sample `request.num_samples` continuations in one batch with the cached jitted sampler."""
-    check_request(request)
+    settings = check_request(request)
     ids, shown, target, offset = build_prompt(model, prompt, request)
-    settings = sampling.SamplingSettings(
-        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-        min_p=request.min_p, max_new_tokens=request.max_new_tokens, seed=request.seed)
     result = sampling.generate(model.model_config, model.params, [ids] * request.num_samples,
                                settings, model.tables)
     samples = []

@@ -13,8 +13,7 @@ from typing import Any
 
 from piano_gpt_jax import generate, sampling
 from piano_gpt_jax.app.errors import AppError
-from piano_gpt_jax.checkpoints import load_any_checkpoint
-from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.checkpoints import CheckpointError, load_any_checkpoint
 
 CHECKPOINT_SUBDIRS = ("checkpoints", "best")
 
@@ -71,16 +70,10 @@ def load_model(path: str | Path) -> LoadedModel:
     except Exception as e:  # noqa: BLE001 — orbax/torch raise many types; all mean "unusable"
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AppError(f"cannot load checkpoint {path}: {message[:500]}") from None
-    if record.tokenizer_desc is None:
-        raise AppError(f"{path} carries no tokenizer_desc, so its token ids cannot be turned into "
-                       "notes; export it with its tokenizer")
     try:
-        tokenizer = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc)
-    except (ValueError, KeyError, TypeError) as e:
-        raise AppError(f"the tokenizer of {path} cannot be rebuilt: {e}") from None
-    if tokenizer.vocab_size != record.model_config.vocab_size:
-        raise AppError(f"{path}: tokenizer ({tokenizer.vocab_size} tokens) and model "
-                       f"({record.model_config.vocab_size}) disagree; the checkpoint is broken")
+        tokenizer = record.tokenizer(str(path))
+    except CheckpointError as e:
+        raise AppError(str(e)) from None
     return LoadedModel(str(path), record.model_config, record.params, tokenizer,
                        sampling.token_tables(tokenizer),
                        generate.prompt_layout_of(tokenizer), record.step)

@@ -16,8 +16,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.run_config import split_run_config
 from piano_gpt_jax.model import ModelConfig
+from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 SCHEMA_VERSION = 2
 
@@ -122,3 +124,19 @@ class CheckpointRecord:
     @property
     def step(self) -> int:
         return self.meta.step
+
+    def tokenizer(self, where: str) -> ExponentialTimeTokenizer:
+        """The tokenizer the weights were trained with, checked against the model's vocabulary;
+        CheckpointError (naming `where`) when the ids could not be decoded."""
+        if self.tokenizer_desc is None:
+            raise CheckpointError(f"{where} carries no tokenizer_desc, so its token ids cannot be "
+                                  "decoded; export it with its tokenizer")
+        try:
+            tokenizer = ExponentialTimeTokenizer.from_dict(self.tokenizer_desc)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the tokenizer of {where} cannot be rebuilt: {e}") from None
+        if tokenizer.vocab_size != self.model_config.vocab_size:
+            raise CheckpointError(
+                f"{where}: tokenizer ({tokenizer.vocab_size} tokens) and model "
+                f"({self.model_config.vocab_size}) disagree; the checkpoint is broken")
+        return tokenizer
