@@ -32,6 +32,30 @@ def _batch(vocab: int, batch: int, T: int, seed: int = 0) -> dict[str, np.ndarra
             "loss_mask": np.ones((batch, T), np.int32)}
 
 
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The CPU benchmarks' model and batch shape (default: the tiny preset's)."""
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=2265)
+
+
+def shape_arguments(args: argparse.Namespace) -> list[str]:
+    """The same shape again as command-line arguments, for a child process."""
+    return ["--n-layer", str(args.n_layer), "--n-head", str(args.n_head), "--n-embd",
+            str(args.n_embd), "--context", str(args.context), "--batch", str(args.batch),
+            "--vocab", str(args.vocab)]
+
+
+def shape_config(args: argparse.Namespace, **overrides):
+    from piano_gpt_jax.model import ModelConfig
+
+    return ModelConfig(vocab_size=args.vocab, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, context_size=args.context, **overrides)
+
+
 def _opt_settings(max_iters: int = 10_000):
     from piano_gpt_jax.config import OptimSettings
 
@@ -110,11 +134,8 @@ def time_torch_step(model_config, batch_np, n_steps: int) -> float:
 def cpu_mode(args) -> None:
     import torch
 
-    from piano_gpt_jax.model import ModelConfig
-
     torch.set_num_threads(os.cpu_count() or 1)
-    base = ModelConfig(vocab_size=args.vocab, n_layer=args.n_layer, n_head=args.n_head,
-                       n_embd=args.n_embd, context_size=args.context)
+    base = shape_config(args)
     batch = _batch(args.vocab, args.batch, args.context)
     tokens = args.batch * args.context
     print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, batch "
@@ -201,12 +222,7 @@ def gpu_mode(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="accelerator mode (gpt2 preset, bf16)")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=2265)
+    add_shape_arguments(p)
     p.add_argument("--gpu-batch", type=int, default=8, help="sequences per device (--gpu)")
     p.add_argument("--gpu-preset", default="gpt2",
                    help="model preset of configs/piano.py (--gpu)")

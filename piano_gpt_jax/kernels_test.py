@@ -15,7 +15,7 @@ TINY = ModelConfig(vocab_size=61, n_layer=2, n_head=2, n_embd=32, context_size=2
 
 
 def test_cpu_dense_gradient_equals_xla_contraction():
-    """The per-sequence kernel gradient of the CPU path is the (B*T)-contraction's gradient."""
+    """The CPU path (one 2-d matmul over B*T rows) has the 3-d contraction's value and gradients."""
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x_BxTxC = jax.random.normal(kx, (3, 7, 16))
     w_CxF = jax.random.normal(kw, (16, 40))
@@ -33,7 +33,8 @@ def test_cpu_dense_gradient_equals_xla_contraction():
 
 
 @pytest.mark.parametrize(("attention", "dtype", "dropout", "backend", "kind"), [
-    ("auto", "float32", False, "cpu", "einsum"),
+    ("auto", "float32", False, "cpu", "blocked"),
+    ("auto", "float32", True, "cpu", "einsum"),
     ("auto", "float32", False, "gpu", "fused"),
     ("xla", "float32", False, "cpu", "fused"),
     ("xla", "float32", True, "gpu", "einsum"),  # dropout on probabilities needs the einsum
@@ -54,10 +55,12 @@ def _loss_and_grads(cfg: ModelConfig, params: dict, tokens_BxT) -> tuple:
     return value, logits, grads
 
 
-@pytest.mark.parametrize("variant", [{"attention": "xla"}, {"remat": True}])
+@pytest.mark.parametrize("variant", [{"attention": "xla"}, {"attention": "einsum"},
+                                     {"remat": True}])
 def test_runtime_choices_give_the_same_numbers(variant):
-    """attention=xla (jax.nn.dot_product_attention) and remat=True against the CPU default
-    (einsum attention, no remat): equal logits, loss and gradients to float32 rounding."""
+    """attention=xla (jax.nn.dot_product_attention), attention=einsum (one unblocked softmax)
+    and remat=True against the CPU default (blocked attention, no remat): equal logits, loss and
+    gradients to float32 rounding."""
     params = init_params(TINY, jax.random.PRNGKey(1))
     tokens_BxT = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 0, TINY.vocab_size)
     base = _loss_and_grads(TINY, params, tokens_BxT)
@@ -65,3 +68,21 @@ def test_runtime_choices_give_the_same_numbers(variant):
     for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(other),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(("T", "block"), [(24, 10), (24, 24), (7, 3), (64, 16)])
+def test_blocked_causal_attention_is_the_softmax_attention(T, block):
+    """Blocks of any size, including a short last one, give the unblocked values and gradients."""
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(3), 4)
+    shape = (2, T, 3, 8)
+    q, k, v, g = (jax.random.normal(key, shape) for key in (kq, kk, kv, kg))
+    mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+
+    def pulled_back(attention):
+        y, vjp = jax.vjp(attention, q, k, v)
+        return (y, *vjp(g))
+
+    blocked = pulled_back(lambda q, k, v: kernels.blocked_causal_attention(q, k, v, block))
+    plain = pulled_back(lambda q, k, v: kernels.softmax_attention(q, k, v, mask_TxT))
+    for a, b in zip(blocked, plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -124,13 +124,16 @@ class CausalSelfAttention(nn.Module):
             S = k_cache_BxSxHxD.shape[1]
             q_pos_T = start + jnp.arange(T)
             mask_TxS = jnp.arange(S)[None, :] <= q_pos_T[:, None]
-            y_BxTxHxD = _attention(q_BxTxHxD, k_cache_BxSxHxD.astype(q_BxTxHxD.dtype),
-                                   v_cache_BxSxHxD.astype(q_BxTxHxD.dtype), mask_TxS)
-        elif kernels.attention_kind(cfg.attention, cfg.dtype, use_dropout) == "einsum":
+            y_BxTxHxD = kernels.softmax_attention(
+                q_BxTxHxD, k_cache_BxSxHxD.astype(q_BxTxHxD.dtype),
+                v_cache_BxSxHxD.astype(q_BxTxHxD.dtype), mask_TxS)
+        elif (kind := kernels.attention_kind(cfg.attention, cfg.dtype, use_dropout)) == "einsum":
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
             drop = lambda p: nn.Dropout(cfg.dropout)(p, deterministic=False)
-            y_BxTxHxD = _attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, mask_TxT,
-                                   dropout=drop if use_dropout else None)
+            y_BxTxHxD = kernels.softmax_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, mask_TxT,
+                                                  dropout=drop if use_dropout else None)
+        elif kind == "blocked":
+            y_BxTxHxD = kernels.blocked_causal_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD)
         else:
             y_BxTxHxD = kernels.fused_attention(cfg.attention, cfg.dtype, q_BxTxHxD, k_BxTxHxD,
                                                 v_BxTxHxD)
@@ -138,17 +141,6 @@ class CausalSelfAttention(nn.Module):
         y_BxTxC = _dense(cfg, C, "c_proj", _residual_std(cfg))(y_BxTxC)
         y_BxTxC = nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
         return y_BxTxC, new_cache
-
-
-def _attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_TxS, dropout=None):
-    """Plain softmax attention (float32 softmax): the cached, dropout and CPU paths."""
-    scale = 1.0 / math.sqrt(q_BxTxHxD.shape[-1])
-    att_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD).astype(jnp.float32) * scale
-    att_BxHxTxS = jnp.where(mask_TxS[None, None], att_BxHxTxS, jnp.finfo(jnp.float32).min)
-    p_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1)
-    if dropout is not None:
-        p_BxHxTxS = dropout(p_BxHxTxS)
-    return jnp.einsum("bhts,bshd->bthd", p_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
 
 
 class MLP(nn.Module):

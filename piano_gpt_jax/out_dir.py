@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
+from piano_gpt_jax.run_log import METRICS_FILE, read_events
+
 EXPORTS = ("final.pt", "best.pt")
 WANDB_ID = "wandb_id.txt"
 # Temporary names of the files above while they are written (then renamed into place).
@@ -89,29 +89,20 @@ def guard_new_run(out_dir: Path, overwrite: bool) -> list[str]:
     if found:
         target = out_dir / f"replaced-{stamp}"
         target.mkdir()
-        for name in [*found, METRICS]:
+        for name in [*found, METRICS_FILE]:
             source = out_dir / name.rstrip("/")
             if source.exists():
                 os.replace(source, target / source.name)
         notes.append(f"overwrite: moved the earlier run's {', '.join(found)} to {target}")
-    elif _has_evaluations_after_start(out_dir / METRICS):
-        kept = out_dir / f"{METRICS}.replaced-{stamp}"
-        os.replace(out_dir / METRICS, kept)
+    elif _has_evaluations_after_start(out_dir / METRICS_FILE):
+        kept = out_dir / f"{METRICS_FILE}.replaced-{stamp}"
+        os.replace(out_dir / METRICS_FILE, kept)
         notes.append(f"{out_dir} had a log but no checkpoint to resume from; kept it as {kept}")
     return notes
 
 
 def _has_evaluations_after_start(path: Path) -> bool:
-    if not path.exists():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event.get("event") == "eval" and (event.get("step") or 0) > 0:
-            return True
-    return False
+    return any(e.get("event") == "eval" and (e.get("step") or 0) > 0 for e in read_events(path))
 
 
 def remove_if_empty(root: Path) -> None:

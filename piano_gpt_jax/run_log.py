@@ -20,6 +20,32 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# What a log line owes to the wall clock rather than to the run: two runs of one config (or a run
+# and its preempted-and-resumed twin) agree on everything else.
+WALL_CLOCK_KEYS = ("tokens_per_s", "step_time_s", "mfu", "data_share")
+WALL_CLOCK_EVENTS = ("startup",)
+
+
+def read_events(path: str | Path, reproducible: bool = False) -> list[dict[str, Any]]:
+    """The events of a `metrics.jsonl` (a missing file has none; a line torn by a kill is
+    skipped). `reproducible=True` leaves out WALL_CLOCK_KEYS and WALL_CLOCK_EVENTS."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if reproducible:
+            if event.get("event") in WALL_CLOCK_EVENTS:
+                continue
+            event = {k: v for k, v in event.items() if k not in WALL_CLOCK_KEYS}
+        found.append(event)
+    return found
 
 # Dense bf16 peak FLOP/s per accelerator (substring of jax's device_kind, first match wins).
 PEAK_FLOPS = (
@@ -55,14 +81,8 @@ def truncate_metrics(path: str | Path, keep_through_step: int | None) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if keep_through_step is not None and event.get("step", math.inf) <= keep_through_step:
-            kept.append(json.dumps(event))
+    kept = [json.dumps(event) for event in read_events(path)
+            if keep_through_step is not None and event.get("step", math.inf) <= keep_through_step]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write("".join(line + "\n" for line in kept))

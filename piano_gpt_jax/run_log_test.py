@@ -6,7 +6,14 @@ import types
 
 import pytest
 
-from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, peak_flops, truncate_metrics
+from piano_gpt_jax.run_log import (
+    RunLog,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    read_events,
+    truncate_metrics,
+)
 
 
 def test_events_are_json_lines(tmp_path):
@@ -16,6 +23,19 @@ def test_events_are_json_lines(tmp_path):
     log.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train_loss"] == 2.5 and lines[1]["val_loss"] is None  # NaN -> null
+
+
+def test_read_events_skips_a_torn_line_and_can_leave_out_the_wall_clock(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_events(path) == []
+    path.write_text(
+        json.dumps({"event": "startup", "step": 1, "compile_s": 2.0}) + "\n"
+        + json.dumps({"event": "train", "step": 1, "train_loss": 3.0, "tokens_per_s": 9.0,
+                      "step_time_s": 0.1, "mfu": None, "data_share": 0.01}) + "\n"
+        + '{"event": "eval", "st')  # a line torn by kill -9
+    assert [e["event"] for e in read_events(path)] == ["startup", "train"]
+    assert read_events(path, reproducible=True) == [
+        {"event": "train", "step": 1, "train_loss": 3.0}]
 
 
 def test_truncate_keeps_events_up_to_the_restored_step(tmp_path):

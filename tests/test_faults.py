@@ -21,7 +21,8 @@ import pytest
 
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.checkpoints import TrainCheckpointer, load_model_checkpoint
-from piano_gpt_jax.config import ConfigError, build_train_config
+from piano_gpt_jax.config import ConfigError, build_train_config, set_dotted
+from piano_gpt_jax.run_log import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_ITERS, EVAL = 6, 3
@@ -38,13 +39,7 @@ def config(dataset: Path, out: Path, **over) -> dict:
            "optimizer": {"max_iters": MAX_ITERS}, "lr": {"warmup_iters": 2},
            "eval_interval": EVAL, "eval_iters": 1, "logging": {"log_interval": 1},
            "checkpoint": {"keep_last": 2}}
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def train(dataset: Path, out: Path, **over) -> dict:
@@ -300,7 +295,5 @@ def _logged_step(out: Path, step: int) -> bool:
 
 
 def _comparable(out: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock fields."""
-    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in e.items() if k not in ("tokens_per_s", "step_time_s", "mfu")}
-            for e in events]
+    """metrics.jsonl without what depends on the wall clock."""
+    return read_events(out / "metrics.jsonl", reproducible=True)

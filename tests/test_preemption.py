@@ -8,7 +8,6 @@ cores; more for a longer soak).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -21,11 +20,11 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.checkpoints import load_any_checkpoint
+from piano_gpt_jax.run_log import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_ITERS, EVAL = 24, 2  # a save every other step: many kills land inside one
 KILLS = int(os.environ.get("PIANO_GPT_PREEMPT_KILLS", "10"))
-TIMING = ("tokens_per_s", "step_time_s", "mfu")
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +46,11 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def events(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    found = []
-    for line in path.read_text().splitlines():
-        try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line torn by the kill
-    return found
+    return read_events(out / "metrics.jsonl")
 
 
 def comparable(out: Path) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in TIMING} for e in events(out)]
+    return read_events(out / "metrics.jsonl", reproducible=True)
 
 
 def last_step(out: Path) -> int:

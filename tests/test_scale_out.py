@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,10 +24,10 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.checkpoints import load_any_checkpoint
+from piano_gpt_jax.run_log import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVAL = 12, 4
-TIMING = ("tokens_per_s", "step_time_s", "mfu")
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +78,7 @@ def two_processes(run_args: list[str]) -> str:
 
 
 def events(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_events(out / "metrics.jsonl", reproducible=True)
 
 
 def assert_same_run(got: Path, want: Path, atol: float) -> None:
@@ -169,17 +167,8 @@ def test_a_run_resumes_on_another_number_of_processes(maestro_dataset, runs, tmp
 
 
 def _logged(out: Path, step: int) -> bool:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event["event"] == "train" and event["step"] >= step:
-            return True
-    return False
+    return any(e["event"] == "train" and e["step"] >= step
+               for e in read_events(out / "metrics.jsonl"))
 
 
 def test_each_process_builds_only_its_block_of_every_global_batch():

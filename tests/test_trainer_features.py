@@ -21,7 +21,7 @@ import pytest
 from converters.testing import reference_lr
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.checkpoints import load_model_checkpoint
-from piano_gpt_jax.config import build_train_config
+from piano_gpt_jax.config import build_train_config, set_dotted
 from piano_gpt_jax.run_log import METRICS_FILE
 from piano_gpt_jax.training import loop as training_loop
 
@@ -41,13 +41,7 @@ def config(dataset: Path, out_dir: Path, max_iters: int = 4, **over) -> dict:
         "lr": dict(LR), "eval_interval": 2, "eval_iters": 1,
         "logging": {"log_interval": 1}, "checkpoint": {"keep_last": 3},
     }
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return set_dotted(cfg, over)
 
 
 def train(cfg: dict) -> dict:
@@ -88,6 +82,16 @@ def test_logged_lr_is_the_reference_schedule(base):
     assert train_events[3]["lr"] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 2.7e-3)
     for e in events(base["out"], "eval"):
         assert e["lr"] == pytest.approx(schedule(max(e["step"], 1)), rel=3e-7), e
+
+
+def test_the_log_reports_startup_and_the_loaders_share(base):
+    """One startup event (compile time, time to the first update) and, per train line, the
+    loader's share of the wall time: fractions, and the first interval leaves compilation out."""
+    (startup,) = events(base["out"], "startup")
+    assert startup["step"] == 1 and 0 < startup["compile_s"] < startup["first_update_s"]
+    train_events = events(base["out"], "train")
+    assert all(0.0 <= e["data_share"] < 1.0 for e in train_events)
+    assert train_events[0]["step_time_s"] < startup["compile_s"]
 
 
 def test_init_from_our_run_directory_without_export(base, tmp_path):

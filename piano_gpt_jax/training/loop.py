@@ -30,7 +30,7 @@ from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, count_params
 from piano_gpt_jax.optim import lr_at, make_optimizer
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.run_log import RunLog, flops_per_token, mfu, truncate_metrics
+from piano_gpt_jax.run_log import METRICS_FILE, RunLog, flops_per_token, mfu, truncate_metrics
 from piano_gpt_jax.sharding import FSDP_AXIS, bytes_per_device, unsharded_matrices
 from piano_gpt_jax.train_step import compile_steps, make_eval_step, make_train_step, shard_batch
 from piano_gpt_jax.training import saving
@@ -61,10 +61,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
     run = _open_run(cfg)
     try:
         run.announce()
-        summary = _run_loop(run)
+        summary = _run_loop(run, started)
         saving.checkpoint_io(run.ckpt.wait, run.progress.step, run.ckpt, run.out_dir)
         if cfg.checkpoint.export_torch and run.ckpt.latest_step() is not None:
             saving.export_torch(run.ckpt, run.state, run.model_config, cfg, run.out_dir,
@@ -215,7 +216,7 @@ def _open_run(cfg: TrainConfig) -> _Run:
                                           use_jit=cfg.system.compile, state_like=state)
         eval_batches = start_lib.eval_batches(cfg, pipeline, mesh)
         if main_process:
-            truncate_metrics(out_dir / out_dir_lib.METRICS, start.resume_step)
+            truncate_metrics(out_dir / METRICS_FILE, start.resume_step)
         run_log = RunLog(out_dir, total_steps=cfg.optimizer.max_iters, start_step=progress.step,
                          main_process=main_process, wandb_settings=_wandb_settings(cfg, out_dir),
                          run_config=dict(cfg.raw))
@@ -238,29 +239,36 @@ def _wandb_settings(cfg: TrainConfig, out_dir: Path) -> dict | None:
 
 @dataclasses.dataclass
 class _Speed:
-    """Tokens per second and MFU between two log lines (evaluations excluded)."""
+    """Tokens per second, MFU and the loader's share of the time between two log lines
+    (evaluations excluded)."""
 
     flops_per_token: float
     device_kind: str
     since_time: float
     since_step: int
+    data_seconds: float = 0.0  # host time spent fetching and placing batches since `since_time`
 
     def restart(self, step: int) -> None:
         self.since_time, self.since_step = time.perf_counter(), step
+        self.data_seconds = 0.0
 
     def measure(self, step: int, tokens_per_step: int, n_devices: int) -> tuple:
         now = time.perf_counter()
-        dt = (now - self.since_time) / max(step - self.since_step, 1)
-        self.since_time, self.since_step = now, step
+        elapsed = max(now - self.since_time, 1e-9)
+        dt = elapsed / max(step - self.since_step, 1)
+        data_share = self.data_seconds / elapsed
+        self.since_time, self.since_step, self.data_seconds = now, step, 0.0
         tps = tokens_per_step / dt
-        return dt, tps, mfu(tps, self.flops_per_token, self.device_kind, n_devices)
+        return dt, tps, mfu(tps, self.flops_per_token, self.device_kind, n_devices), data_share
 
 
-def _run_loop(run: _Run) -> dict:
+def _run_loop(run: _Run, started: float) -> dict:
     """Updates from run.progress.step to max_iters, with logging, evaluation, checkpoints,
-    the non-finite guard and stop requests; returns the first and last validation loss."""
+    the non-finite guard and stop requests; returns the first and last validation loss.
+
+    The host waits for the device only at log, check and eval steps, and once after the first
+    update (to report compile time and time-to-first-step)."""
     cfg, progress = run.cfg, run.progress
-    accumulation_steps = cfg.optimizer.gradient_accumulation_steps
     mc = run.model_config
     speed = _Speed(flops_per_token(count_params(run.state["params"], include_position=False),
                                    mc.n_layer, mc.n_head, mc.head_dim,
@@ -274,18 +282,21 @@ def _run_loop(run: _Run) -> dict:
     nonfinite = jnp.zeros((), jnp.int32)
     check_every = max(1, min(cfg.logging.log_interval, cfg.nonfinite_patience))
     last_saved = run.start.resume_step
+    first_update = True
     speed.restart(progress.step)
     with _StopRequest() as stop:
         while progress.step < cfg.optimizer.max_iters:
-            step_losses = []
-            for _ in range(accumulation_steps):
-                batch = shard_batch(next(run.iterator), run.mesh)
-                run.state, metrics = run.train_fn(run.state, batch)
-                step_losses.append(metrics["loss"])
+            step_losses, metrics, compile_span = _update(run, speed)
             progress.step += 1
             step = progress.step
+            if first_update:
+                first_update = False
+                _note_startup(run, step, started, compile_span, metrics)
+                # Compilation stays out of tokens/s: the first interval starts once it is done.
+                speed.restart(step - 1)
+                speed.since_time = compile_span[1]
             progress.total_tokens += run.tokens_per_step
-            step_loss = sum(step_losses) / accumulation_steps
+            step_loss = sum(step_losses) / len(step_losses)
             nonfinite = jnp.where(jnp.isfinite(step_loss), 0, nonfinite + 1)
             losses_since_eval.append(step_loss)
             run.run_log.advance()
@@ -320,16 +331,46 @@ def _run_loop(run: _Run) -> dict:
     return summary
 
 
+def _update(run: _Run, speed: _Speed) -> tuple[list, dict, tuple[float, float]]:
+    """One optimizer update over its micro-batches: (their losses, the last metrics, (start, end)
+    of the first step call, which on the first update is the trace and compile)."""
+    losses = []
+    first_call = (0.0, 0.0)
+    for micro in range(run.cfg.optimizer.gradient_accumulation_steps):
+        fetch_start = time.perf_counter()
+        batch = shard_batch(next(run.iterator), run.mesh)
+        dispatch_start = time.perf_counter()
+        speed.data_seconds += dispatch_start - fetch_start
+        run.state, metrics = run.train_fn(run.state, batch)
+        if micro == 0:
+            first_call = (dispatch_start, time.perf_counter())
+        losses.append(metrics["loss"])
+    return losses, metrics, first_call
+
+
+def _note_startup(run: _Run, step: int, started: float, compile_span: tuple[float, float],
+                  metrics: dict) -> None:
+    jax.block_until_ready(metrics["loss"])  # the one wait outside log/check/eval steps
+    first = time.perf_counter() - started
+    compile_seconds = compile_span[1] - compile_span[0]
+    run.run_log.note(f"first update done {first:.1f} s after start (compiling the train step: "
+                     f"{compile_seconds:.1f} s)")
+    run.run_log.event({"event": "startup", "step": step, "first_update_s": first,
+                       "compile_s": compile_seconds})
+
+
 def _log_train(run: _Run, step: int, loss: float, metrics: dict, speed: _Speed) -> None:
-    dt, tps, mfu_value = speed.measure(step, run.tokens_per_step, run.n_devices)
+    dt, tps, mfu_value, data_share = speed.measure(step, run.tokens_per_step, run.n_devices)
     lr = lr_at(run.cfg.optim, step)
-    extra = ""
+    # Loading runs on the host while the device works on the previous update (async dispatch),
+    # so this is the host's time in the loader, an upper bound on what it delays the step.
+    extra = f" | data {100 * data_share:.0f}%"
     if run.precision.loss_scaling:
-        extra = f" | scale {float(metrics['loss_scale']):.0f}"
+        extra += f" | scale {float(metrics['loss_scale']):.0f}"
     run.run_log.train_line(step, loss, lr, tps, dt, mfu_value, extra)
     run.run_log.event({"event": "train", "step": step, "train_loss": loss, "lr": lr,
                        "tokens": run.progress.total_tokens, "tokens_per_s": tps,
-                       "step_time_s": dt, "mfu": mfu_value})
+                       "step_time_s": dt, "mfu": mfu_value, "data_share": data_share})
 
 
 def _stop_nonfinite(step: int, bad: int, cfg: TrainConfig, ckpt: TrainCheckpointer) -> None:
