@@ -86,3 +86,31 @@ def maestro_dataset(maestro_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("maestro") / "dataset"
     assert import_midi.main([str(maestro_dir), str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def mini_maestro(maestro_dir, tmp_path_factory):
+    """`mini_maestro(n)`: the first n notes of four MAESTRO performances as a saved piano dataset
+    (train: Chopin, Bach; validation and test: Liszt, Chopin) - small enough for page and
+    evaluation tests, real music all the same."""
+    return lambda n: _save_mini_maestro(maestro_dir, tmp_path_factory.mktemp("ds") / "mini", n)
+
+
+def _save_mini_maestro(maestro_dir: Path, out: Path, notes_per_piece: int) -> Path:
+    import json
+
+    import datasets
+
+    from piano_gpt_jax.music.midi import read_midi
+
+    composers = ["Frédéric Chopin", "Johann Sebastian Bach", "Franz Liszt", "Frédéric Chopin"]
+    rows = []
+    for composer, f in zip(composers, sorted(maestro_dir.glob("*.mid"))[:4], strict=True):
+        notes = read_midi(f).iloc[:notes_per_piece]
+        source = json.dumps({"composer": composer, "dataset": "maestro", "title": f.stem})
+        rows.append({"notes": {c: notes[c].to_numpy() for c in notes.columns}, "source": source})
+    make = datasets.Dataset.from_list
+    datasets.DatasetDict({"train": make(rows[:2]), "validation": make(rows[2:]),
+                          "test": make(rows[2:])}).save_to_disk(str(out))
+    return out
+

@@ -173,19 +173,9 @@ def test_torch_filters_match_jax_filters():
 
 
 @pytest.fixture(scope="module")
-def eval_dataset(tmp_path_factory, maestro_dir):
+def eval_dataset(mini_maestro):
     """Real MAESTRO notes saved as a dataset directory (the format load_piano_dataset reads)."""
-    rows = []
-    composers = ["Frédéric Chopin", "Johann Sebastian Bach", "Franz Liszt", "Frédéric Chopin"]
-    for i, f in enumerate(sorted(maestro_dir.glob("*.mid"))[:4]):
-        df = read_midi(f).iloc[:400]
-        src = json.dumps({"composer": composers[i], "dataset": "maestro", "title": f.stem})
-        rows.append({"notes": {c: df[c].to_numpy() for c in df.columns}, "source": src})
-    ds = lambda r: datasets.Dataset.from_list(r)
-    path = tmp_path_factory.mktemp("ds") / "maestro-mini"
-    datasets.DatasetDict({"train": ds(rows[:2]), "validation": ds(rows[2:]),
-                          "test": ds(rows[2:])}).save_to_disk(str(path))
-    return path
+    return mini_maestro(400)
 
 
 def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys, monkeypatch):

@@ -37,23 +37,7 @@ def arpeggio_midi(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory, maestro_dir) -> Path:
+def small_dataset(mini_maestro) -> Path:
     """Real MAESTRO notes (300 per piece) saved as a dataset directory, the save_to_disk format
     the trainer reads."""
-    import json
-
-    import datasets
-
-    from piano_gpt_jax.music.midi import read_midi
-
-    rows = []
-    composers = ["Frédéric Chopin", "Johann Sebastian Bach", "Franz Liszt", "Frédéric Chopin"]
-    for i, f in enumerate(sorted(maestro_dir.glob("*.mid"))[:4]):
-        df = read_midi(f).iloc[:300]
-        source = json.dumps({"composer": composers[i], "dataset": "maestro", "title": f.stem})
-        rows.append({"notes": {c: df[c].to_numpy() for c in df.columns}, "source": source})
-    path = tmp_path_factory.mktemp("ds") / "maestro-mini"
-    make = datasets.Dataset.from_list
-    datasets.DatasetDict({"train": make(rows[:2]), "validation": make(rows[2:]),
-                          "test": make(rows[2:])}).save_to_disk(str(path))
-    return path
+    return mini_maestro(300)
