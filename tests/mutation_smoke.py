@@ -35,7 +35,7 @@ class Mutation:
 
 MUTATIONS = (
     Mutation("drop the gradient clip", "piano_gpt_jax/optim.py",
-             "        parts.append(optax.clip_by_global_norm(s.grad_clip))\n",
+             "        parts.append(optax.clip_by_global_norm(o.grad_clip))\n",
              "        pass  # MUTATION: no gradient clipping\n",
              ("piano_gpt_jax/optim_test.py",)),
     Mutation("ignore top-p", "piano_gpt_jax/sampling.py",
