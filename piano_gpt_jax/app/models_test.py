@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import pytest
 import torch
 
 from piano_gpt_jax.app import models
 from piano_gpt_jax.app.errors import AppError
+from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta
+from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 
 
 def test_list_and_load(runs_root, tmp_path):
@@ -18,6 +22,19 @@ def test_list_and_load(runs_root, tmp_path):
     assert m.layout == "annotated" and m.model_config.n_layer == 2 and "context 96" in m.summary
     assert m.has_tokens(["<GENAI>", "<PARAMETRIC_HIGH_NOTES>"])
     assert models.cache_key(runs_root / "tiny")[1] > 0
+
+
+def test_a_pt_export_loads_as_its_run_directory_does(runs_root, tmp_path):
+    """The same model through a PyTorch export: same weights, tokenizer, layout and step."""
+    run = models.load_model(runs_root / "tiny")
+    path = save_torch_checkpoint(tmp_path / "tiny.pt", CheckpointRecord(
+        run.model_config, run.params, run.tokenizer.to_dict(), RunMeta(step=run.step)))
+    pt = models.load_model(path)
+    assert pt.model_config == run.model_config and pt.step == run.step
+    assert pt.layout == run.layout and pt.tokenizer.vocab_size == run.tokenizer.vocab_size
+    for a, b in zip(jax.tree_util.tree_leaves(pt.params), jax.tree_util.tree_leaves(run.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class _Payload:
