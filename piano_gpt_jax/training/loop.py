@@ -4,8 +4,9 @@ checkpoints (with their metadata) and the PyTorch exports.
 Steps are counted in optimizer updates (1..optimizer.max_iters), each of
 optimizer.gradient_accumulation_steps micro-batches. Evaluation runs at step 0 (the untrained
 baseline), at every multiple of eval_interval and at the end; every evaluation after step 0 also
-writes a checkpoint. The loop never waits on the device except at log, check and eval steps, so
-the host keeps feeding batches while the device computes.
+writes a checkpoint. The loop never waits on the device except at log, check and eval steps (and
+once after the first update, to report compile time), so the host keeps feeding batches while the
+device computes.
 """
 
 from __future__ import annotations
