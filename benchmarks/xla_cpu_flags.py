@@ -33,7 +33,6 @@ from benchmarks.train_step import (  # noqa: E402 (after the path it is found on
 )
 
 CANDIDATES = (
-    "",
     "--xla_cpu_experimental_ynn_fusion_type=dot",
     "--xla_cpu_experimental_xnn_fusion_type=dot",
     "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
@@ -106,10 +105,7 @@ def main() -> None:
     print(f"model {args.n_layer}x{args.n_embd}, batch {args.batch} x {args.context}, "
           f"{args.steps} timed steps, float32")
     torch_s = run_child(args, "", torch=True)
-    candidates = ["", *args.flags] if args.flags else list(CANDIDATES)
-    for flags in candidates:
-        if not flags:
-            continue
+    for flags in args.flags or CANDIDATES:
         # Alternate baseline and candidate: this VM's speed drifts by 10-30% over a minute, so
         # only interleaved medians compare like with like.
         base_runs, runs = [], []

@@ -52,13 +52,19 @@ def attention_kind(attention: str, dtype: str, use_dropout: bool) -> str:
     return "fused"
 
 
+def _masked_softmax(att_BxHxTxS, mask_TxS):
+    """Softmax over keys in float32, masked keys at float32's lowest value: exactly zero weight
+    (a row always keeps its own position, so it is never all masked)."""
+    att_BxHxTxS = jnp.where(mask_TxS[None, None], att_BxHxTxS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(att_BxHxTxS, axis=-1)
+
+
 def softmax_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_TxS, dropout=None):
     """Plain softmax attention (float32 softmax): the cached, dropout and float16 paths, and the
     reference the other paths are tested against."""
     scale = 1.0 / math.sqrt(q_BxTxHxD.shape[-1])
     att_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD).astype(jnp.float32) * scale
-    att_BxHxTxS = jnp.where(mask_TxS[None, None], att_BxHxTxS, jnp.finfo(jnp.float32).min)
-    p_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1)
+    p_BxHxTxS = _masked_softmax(att_BxHxTxS, mask_TxS)
     if dropout is not None:
         p_BxHxTxS = dropout(p_BxHxTxS)
     return jnp.einsum("bhts,bshd->bthd", p_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
@@ -84,8 +90,7 @@ def blocked_causal_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, block: int = CPU_A
         att_BxHxQxS = jnp.einsum("bhqd,bhsd->bhqs", q_BxHxTxD[:, :, start:end],
                                  k_BxHxTxD[:, :, :end]).astype(jnp.float32) * scale
         mask_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        att_BxHxQxS = jnp.where(mask_QxS[None, None], att_BxHxQxS, jnp.finfo(jnp.float32).min)
-        p_BxHxQxS = jax.nn.softmax(att_BxHxQxS, axis=-1)
+        p_BxHxQxS = _masked_softmax(att_BxHxQxS, mask_QxS)
         outs.append(jnp.einsum("bhqs,bhsd->bhqd", p_BxHxQxS.astype(v_BxHxTxD.dtype),
                                v_BxHxTxD[:, :, :end]))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
