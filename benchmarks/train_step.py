@@ -17,12 +17,17 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ for --gpu
+
+# Before XLA starts: the package sets the host allocator on import (piano_gpt_jax/host_memory.py),
+# for both sides of the comparison; PIANO_GPT_JAX_MALLOC=default measures glibc's defaults.
+import piano_gpt_jax  # noqa: E402
 
 
 def _batch(vocab: int, batch: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,8 +69,9 @@ def _opt_settings(max_iters: int = 10_000):
                          warmup_iters=10, decay_lr=True, lr_decay_iters=max_iters)
 
 
-def time_jax_step(model_config, batch_np, n_steps: int, dtype: str = "float32") -> float:
-    """Seconds per step of our jitted train step (after compilation), data-parallel over devices."""
+def jax_stepper(model_config, batch_np, dtype: str = "float32") -> Callable[[], None]:
+    """One step of our jitted train step per call (compiled and warmed up here), data-parallel
+    over the devices; each call blocks until the step's loss exists."""
     from piano_gpt_jax.model import init_params
     from piano_gpt_jax.optim import make_optimizer
     from piano_gpt_jax.precision import Precision
@@ -84,21 +90,21 @@ def time_jax_step(model_config, batch_np, n_steps: int, dtype: str = "float32") 
     precision = Precision(dtype)
     train, _ = compile_steps(make_train_step(model_config, tx, precision),
                              make_eval_step(model_config), mesh)
-    state = replicate(init_train_state(init_params(model_config, jax.random.PRNGKey(0)), tx, 0,
-                                       precision), mesh)
+    holder = {"state": replicate(init_train_state(
+        init_params(model_config, jax.random.PRNGKey(0)), tx, 0, precision), mesh)}
     batch = shard_batch(batch_np, mesh)
+
+    def step() -> None:
+        holder["state"], m = train(holder["state"], batch)
+        jax.block_until_ready(m["loss"])
+
     for _ in range(2):  # compile + warm up
-        state, m = train(state, batch)
-    jax.block_until_ready(m["loss"])
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        state, m = train(state, batch)
-    jax.block_until_ready(m["loss"])
-    return (time.perf_counter() - t0) / n_steps
+        step()
+    return step
 
 
-def time_torch_step(model_config, batch_np, n_steps: int) -> float:
-    """Seconds per step of the PyTorch twin, eager, float32, on the CPU."""
+def torch_stepper(model_config, batch_np) -> Callable[[], None]:
+    """One step of the PyTorch twin per call: eager, float32, on the CPU (warmed up here)."""
     import torch
     import torch.nn.functional as F
 
@@ -114,38 +120,65 @@ def time_torch_step(model_config, batch_np, n_steps: int) -> float:
     x = torch.from_numpy(batch_np["tokens"]).long()
     y = torch.from_numpy(batch_np["targets"]).long()
 
-    def step():
+    def step() -> None:
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
 
     for _ in range(2):
         step()
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    return (time.perf_counter() - t0) / n_steps
+    return step
+
+
+def interleaved_seconds(steppers: dict[str, Callable[[], None]], n_steps: int,
+                        rounds: int = 5) -> dict[str, float]:
+    """Median seconds per step of each stepper, timed in turns: `rounds` rounds, each running
+    every stepper for `n_steps` steps. A 2-core cloud VM's speed drifts by 10-30% within a minute
+    (seen here), so timings taken one after the other compare the minutes as much as the code;
+    taken in turns, every stepper sees the same minutes."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            t0 = time.perf_counter()
+            for _ in range(n_steps):
+                step()
+            times[name].append((time.perf_counter() - t0) / n_steps)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def time_jax_step(model_config, batch_np, n_steps: int, dtype: str = "float32") -> float:
+    """Seconds per step of our jitted train step (after compilation)."""
+    return interleaved_seconds({"jax": jax_stepper(model_config, batch_np, dtype)}, n_steps,
+                               rounds=1)["jax"]
+
+
+def time_torch_step(model_config, batch_np, n_steps: int) -> float:
+    """Seconds per step of the PyTorch twin, eager, float32, on the CPU."""
+    return interleaved_seconds({"torch": torch_stepper(model_config, batch_np)}, n_steps,
+                               rounds=1)["torch"]
 
 
 def cpu_mode(args) -> None:
     import torch
 
+    from benchmarks.xla_cpu_flags import cpu_flags
+
     torch.set_num_threads(os.cpu_count() or 1)
     base = shape_config(args)
     batch = _batch(args.vocab, args.batch, args.context)
     tokens = args.batch * args.context
+    print(f"CPU: {cpu_flags()}; host allocator: "
+          f"{'freed memory kept' if piano_gpt_jax.HOST_MEMORY_KEPT else 'glibc defaults'}")
     print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, batch "
           f"{args.batch} x {args.context} tokens, float32, {os.cpu_count()} CPU threads, "
-          f"{args.steps} timed steps")
-    results = {}
-    for name, one_hot in (("jax gather", False), ("jax one-hot", True)):
-        cfg = dataclasses.replace(base, one_hot_embedding=one_hot)
-        results[name] = time_jax_step(cfg, batch, args.steps)
-    results["torch eager"] = time_torch_step(base, batch, args.steps)
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps")
+    steppers = {name: jax_stepper(dataclasses.replace(base, one_hot_embedding=one_hot), batch)
+                for name, one_hot in (("jax gather", False), ("jax one-hot", True))}
+    steppers["torch eager"] = torch_stepper(base, batch)
+    results = interleaved_seconds(steppers, args.steps, args.rounds)
     for name, dt in results.items():
         print(f"  {name:<12} {1000 * dt:8.1f} ms/step {tokens / dt:10,.0f} tokens/s")
     best_jax = min(results["jax gather"], results["jax one-hot"])
@@ -228,6 +261,7 @@ def main() -> None:
                    help="model preset of configs/piano.py (--gpu)")
     p.add_argument("--gpu-context", type=int, default=2048, help="context size (--gpu)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (CPU mode)")
     p.add_argument("--gpu-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)

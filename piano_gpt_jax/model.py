@@ -25,6 +25,7 @@ from piano_gpt_jax.precision import compute_dtype
 
 N_TIME_STEPS = 10_000  # rows of the music-time embedding (10 ms grid => 100 s)
 LAYER_NORM_EPS = 1e-5  # torch's default; flax's own default (1e-6) would drift from the twin
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 
@@ -72,6 +73,15 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def gelu(x):
+    """torch nn.GELU(): x * Phi(x), written with erf as torch computes it. jax.nn.gelu's exact
+    form goes through erfc, which XLA CPU splits into three fusions with a backward of two more:
+    this form made one MLP sublayer's forward+backward 17% faster (44.7 -> 37.1 ms, 16 x 256
+    tokens, width 512, round-robin on a 2-core AVX-512 EPYC), with the same values as torch's
+    to 1.2e-6 on [-8, 8]."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
 def _normal(std: float):
@@ -150,7 +160,7 @@ class MLP(nn.Module):
     def __call__(self, x_BxTxC, deterministic: bool):
         cfg = self.cfg
         h_BxTxF = _dense(cfg, 4 * cfg.n_embd, "c_fc")(x_BxTxC)
-        h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=False)  # torch nn.GELU() is the exact erf form
+        h_BxTxF = gelu(h_BxTxF)
         y_BxTxC = _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h_BxTxF)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
@@ -210,8 +220,11 @@ class GPT(nn.Module):
                                                        start)
             new_cache.append(c)
         x_BxTxC = _layer_norm(cfg.bias, "ln_f")(x_BxTxC)
-        logits_BxTxV = jnp.einsum(
-            "btc,vc->btv", x_BxTxC.astype(cfg.compute_dtype), wte.astype(cfg.compute_dtype))
+        # The tied head as x @ wte.T through the Dense contraction (one 2-d matmul on CPU: the
+        # head and loss forward+backward 93 -> 87 ms against a 3-d einsum, 16 x 256 tokens).
+        logits_BxTxV = kernels.dense_dot_general(
+            x_BxTxC.astype(cfg.compute_dtype), wte.astype(cfg.compute_dtype).T,
+            (((2,), (0,)), ((), ())))
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, tuple(new_cache)
