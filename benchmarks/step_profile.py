@@ -27,6 +27,8 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import piano_gpt_jax  # noqa: E402 — sets the host allocator before XLA starts (host_memory.py)
+
 
 def _best_of(fn, repeats: int) -> float:
     """Median seconds of `fn()` (which must block until its result exists) after two warm-ups."""
@@ -151,9 +153,10 @@ def main() -> None:
     from benchmarks.train_step import (
         _batch,
         add_shape_arguments,
+        interleaved_seconds,
+        jax_stepper,
         shape_config,
-        time_jax_step,
-        time_torch_step,
+        torch_stepper,
     )
     from benchmarks.xla_cpu_flags import cpu_flags
 
@@ -165,7 +168,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = shape_config(args)
     batch = _batch(args.vocab, args.batch, args.context)
-    print(f"CPU: {cpu_flags()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"CPU: {cpu_flags()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host allocator: "
+          f"{'freed memory kept' if piano_gpt_jax.HOST_MEMORY_KEPT else 'glibc defaults'}")
     print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, "
           f"batch {args.batch} x {args.context}, float32; ms, median of {args.repeats}")
     ours, theirs = jax_parts(cfg, batch, args.repeats), torch_parts(cfg, batch, args.repeats)
@@ -180,8 +184,9 @@ def main() -> None:
         label = f"{name} x{times}" if times > 1 else name
         print(f"  {label:<18} {1e3 * jf:8.1f} {1e3 * tf:9.1f} {1e3 * jb:8.1f} {1e3 * tb:9.1f} "
               f"{tb / jb:9.2f}")
-    step_jax = time_jax_step(cfg, batch, 10)
-    step_torch = time_torch_step(cfg, batch, 10)
+    full = interleaved_seconds({"jax": jax_stepper(cfg, batch),
+                                "torch": torch_stepper(cfg, batch)}, n_steps=5, rounds=4)
+    step_jax, step_torch = full["jax"], full["torch"]
     print(f"  {'sum of parts':<18} {'':>8} {'':>9} {1e3 * total_jax:8.1f} {1e3 * total_torch:9.1f} "
           f"{total_torch / total_jax:9.2f}")
     print(f"  {'full step':<18} {'':>8} {'':>9} {1e3 * step_jax:8.1f} {1e3 * step_torch:9.1f} "

@@ -17,21 +17,71 @@ import jax.numpy as jnp
 CPU_ATTENTION_BLOCK = 64
 
 
+def _transposed(x):
+    """x with its last two axes swapped, as a materialised copy: behind the barrier XLA cannot
+    fold the transpose back into the matmul as a transposed operand, a form XLA CPU hands to
+    Eigen instead of YNNPACK."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@jax.custom_vjp
+def matmul_nn(a_MxK, b_KxN):
+    """a @ b over any leading batch axes, with a backward whose two products are plain row-major
+    matmuls: d_a = g @ b^T and d_b = copy(a^T) @ g. Autodiff's d_b contracts over a's rows,
+    which XLA CPU runs through Eigen (with the work outside its thread pool's view) at about half
+    YNNPACK's speed. CPU only (see dense_dot_general and blocked_causal_attention)."""
+    return jnp.matmul(a_MxK, b_KxN)
+
+
+def _matmul_nn_fwd(a_MxK, b_KxN):
+    return jnp.matmul(a_MxK, b_KxN), (a_MxK, b_KxN)
+
+
+def _matmul_nn_bwd(res, g_MxN):
+    a_MxK, b_KxN = res
+    return (jnp.matmul(g_MxN, jnp.swapaxes(b_KxN, -1, -2)).astype(a_MxK.dtype),
+            jnp.matmul(_transposed(a_MxK), g_MxN).astype(b_KxN.dtype))
+
+
+matmul_nn.defvjp(_matmul_nn_fwd, _matmul_nn_bwd)
+
+
+@jax.custom_vjp
+def matmul_nt(a_MxK, b_NxK):
+    """a @ b^T over any leading batch axes (attention scores), with d_a = g @ b and
+    d_b = copy(g^T) @ a: plain matmuls, as in matmul_nn."""
+    return jnp.matmul(a_MxK, jnp.swapaxes(b_NxK, -1, -2))
+
+
+def _matmul_nt_fwd(a_MxK, b_NxK):
+    return matmul_nt(a_MxK, b_NxK), (a_MxK, b_NxK)
+
+
+def _matmul_nt_bwd(res, g_MxN):
+    a_MxK, b_NxK = res
+    return (jnp.matmul(g_MxN, b_NxK).astype(a_MxK.dtype),
+            jnp.matmul(_transposed(g_MxN), a_MxK).astype(b_NxK.dtype))
+
+
+matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
+
+
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **_):
     """nn.Dense's contraction (last input axis with the kernel's first). On CPU a (B, T, C)
-    input is multiplied as one (B*T, C) matrix, so the kernel's gradient is a single plain
-    matmul over B*T rows: XLA CPU otherwise lays the 3-d contraction's gradient out through a
-    transpose of the whole (B, T, F) upstream gradient fused with its elementwise producers
+    input is multiplied as one (B*T, C) matrix by matmul_nn, so the kernel's gradient is a single
+    plain matmul over B*T rows: XLA CPU otherwise lays the 3-d contraction's gradient out through
+    a transpose of the whole (B, T, F) upstream gradient fused with its elementwise producers
     (the GELU backward). Measured round-robin on a 2-core AVX-512 EPYC, whole train step,
     4x128, 16 x 256 tokens: 3-d contraction 594 ms, per-sequence gradient blocks (a custom VJP,
-    our earlier fix) 483 ms, one 2-d matmul 426 ms. Accelerators keep XLA's own contraction."""
-    plain = lhs.ndim != 3 or dimension_numbers != (((2,), (0,)), ((), ()))
+    our earlier fix) 483 ms, one 2-d matmul 426 ms; later, with the host allocator fixed, the
+    kernel gradient as copy(x^T) @ g rather than XLA's transposed-operand dot: 345 -> 327 ms.
+    Accelerators keep XLA's own contraction."""
+    plain = (lhs.ndim != 3 or dimension_numbers != (((2,), (0,)), ((), ()))
+             or precision is not None)
     if plain or jax.default_backend() != "cpu":
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
     B, T, C = lhs.shape
-    y_NxF = jax.lax.dot_general(lhs.reshape(B * T, C), rhs, (((1,), (0,)), ((), ())),
-                                precision=precision)
-    return y_NxF.reshape(B, T, rhs.shape[1])
+    return matmul_nn(lhs.reshape(B * T, C), rhs).reshape(B, T, rhs.shape[1])
 
 
 def attention_kind(attention: str, dtype: str, use_dropout: bool) -> str:
@@ -85,7 +135,10 @@ def blocked_causal_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, block: int = CPU_A
       probability-value product (exp(s - max) @ v, divided by the row sums: (T, D) divisions
       instead of (T, S)): 34 -> 17 ms. XLA CPU then fuses the score matmul with its bias and
       row max, and the backward has no (T, S) division. The row max carries no gradient (the
-      softmax does not depend on it), so it is held constant for autodiff.
+      softmax does not depend on it), so it is held constant for autodiff;
+    - the products through matmul_nt / matmul_nn, whose key and value gradients are plain matmuls
+      (autodiff's run on Eigen): whole train step 345 -> 326 ms, 318 ms with dense_dot_general's
+      kernel gradient done the same way.
     """
     q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = (x.transpose(0, 2, 1, 3)
                                        for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
@@ -96,12 +149,11 @@ def blocked_causal_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, block: int = CPU_A
         end = min(start + block, T)
         mask_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
         bias_QxS = jnp.where(mask_QxS, 0.0, jnp.finfo(jnp.float32).min)
-        att_BxHxQxS = jnp.einsum("bhqd,bhsd->bhqs", q_BxHxTxD[:, :, start:end],
-                                 k_BxHxTxD[:, :, :end]).astype(jnp.float32) * scale + bias_QxS
+        att_BxHxQxS = matmul_nt(q_BxHxTxD[:, :, start:end],
+                                k_BxHxTxD[:, :, :end]).astype(jnp.float32) * scale + bias_QxS
         max_BxHxQx1 = jax.lax.stop_gradient(att_BxHxQxS.max(axis=-1, keepdims=True))
         e_BxHxQxS = jnp.exp(att_BxHxQxS - max_BxHxQx1)  # masked keys: exactly 0
-        y_BxHxQxD = jnp.einsum("bhqs,bhsd->bhqd", e_BxHxQxS.astype(v_BxHxTxD.dtype),
-                               v_BxHxTxD[:, :, :end])
+        y_BxHxQxD = matmul_nn(e_BxHxQxS.astype(v_BxHxTxD.dtype), v_BxHxTxD[:, :, :end])
         outs.append(y_BxHxQxD / e_BxHxQxS.sum(axis=-1, keepdims=True).astype(y_BxHxQxD.dtype))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 

@@ -32,6 +32,24 @@ def test_cpu_dense_gradient_equals_xla_contraction():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_plain_matmul_backwards_are_the_matmul_gradients(batch):
+    """matmul_nn / matmul_nt (row-major products in the backward) have autodiff's values and
+    gradients, with and without leading batch axes."""
+    ka, kb, kg = jax.random.split(jax.random.PRNGKey(1), 3)
+    a_MxK = jax.random.normal(ka, (*batch, 5, 7))
+    b_KxN = jax.random.normal(kb, (*batch, 7, 4))
+    g_MxN = jax.random.normal(kg, (*batch, 5, 4))
+    b_NxK = jnp.swapaxes(b_KxN, -1, -2)
+    for ours, plain, b in ((kernels.matmul_nn, jnp.matmul, b_KxN),
+                           (kernels.matmul_nt, lambda a, b: a @ jnp.swapaxes(b, -1, -2), b_NxK)):
+        y1, vjp1 = jax.vjp(jax.jit(ours), a_MxK, b)
+        y2, vjp2 = jax.vjp(plain, a_MxK, b)
+        for x, y in zip((y1, *vjp1(g_MxN)), (y2, *vjp2(g_MxN)), strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("attention", "dtype", "dropout", "backend", "kind"), [
     ("auto", "float32", False, "cpu", "blocked"),
     ("auto", "float32", True, "cpu", "einsum"),
