@@ -3,10 +3,11 @@ r"""Training recipes for `python -m piano_gpt_jax.train`.
 Run (from the repository root):
 
   # CPU recipe: PIANO tasks on the built-in offline dataset (4 layers x 128, context 256,
-  # batch 16, 600 steps). Measured on a 2-core AVX-512 EPYC VM: 4 min 58 s (~0.45 s/step, ~9k
-  # tokens/s; 7 min 02 s before the CPU attention/Dense paths of kernels.py), plus a one-time
-  # ~30 s build of the built-in dataset on a fresh machine; full_val loss 7.74 (untrained) ->
-  # 2.51 (step 200) -> 2.25 (step 400) -> 2.12 (step 600).
+  # batch 16, 600 steps). Measured on a 2-core AVX-512 EPYC VM: 3 min 11 s (~0.29-0.33 s/step,
+  # ~13-14k tokens/s; 4 min 58 s before the kept host memory and CPU matmul/attention forms of
+  # host_memory.py and kernels.py, 7 min 02 s before kernels.py), plus a one-time ~30 s build of
+  # the built-in dataset on a fresh machine; full_val loss 7.74 (untrained) -> 2.51 (step 200)
+  # -> 2.24 (step 400) -> 2.12 (step 600).
   python -m piano_gpt_jax.train --config configs/piano.py:tiny
 
   # The full GPU recipe: gpt2 (12 x 768: 86.7M parameters at the piano vocabulary), context
