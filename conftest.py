@@ -16,6 +16,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(tempfile.gettempdir()) / "piano-gpt-jax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# glibc's default allocator: the kept-memory setting (piano_gpt_jax/host_memory.py) speeds up each
+# train step but makes XLA's multi-threaded compilation ~25% slower (one malloc arena), and the
+# suite compiles hundreds of small programs and runs few steps of each. host_memory_test.py checks
+# the setting itself in subprocesses that clear this variable.
+os.environ.setdefault("PIANO_GPT_JAX_MALLOC", "default")
 
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DIR = Path(os.environ.get("PIANO_GPT_SHARED", REPO_ROOT.parent / "shared"))
