@@ -54,7 +54,7 @@ def matmul_nt(a_MxK, b_NxK):
 
 
 def _matmul_nt_fwd(a_MxK, b_NxK):
-    return matmul_nt(a_MxK, b_NxK), (a_MxK, b_NxK)
+    return jnp.matmul(a_MxK, jnp.swapaxes(b_NxK, -1, -2)), (a_MxK, b_NxK)
 
 
 def _matmul_nt_bwd(res, g_MxN):
