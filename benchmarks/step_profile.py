@@ -27,7 +27,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import piano_gpt_jax  # noqa: E402 — sets the host allocator before XLA starts (host_memory.py)
+import piano_gpt_jax  # noqa: E402, F401 — sets the host allocator before XLA starts (host_memory.py)
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -153,6 +153,7 @@ def main() -> None:
     from benchmarks.train_step import (
         _batch,
         add_shape_arguments,
+        allocator_mode,
         interleaved_seconds,
         jax_stepper,
         shape_config,
@@ -169,7 +170,7 @@ def main() -> None:
     cfg = shape_config(args)
     batch = _batch(args.vocab, args.batch, args.context)
     print(f"CPU: {cpu_flags()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host allocator: "
-          f"{'freed memory kept' if piano_gpt_jax.HOST_MEMORY_KEPT else 'glibc defaults'}")
+          f"{allocator_mode()}")
     print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, "
           f"batch {args.batch} x {args.context}, float32; ms, median of {args.repeats}")
     # The full step first, in a fresh process: after the parts' many programs it measured slower

@@ -30,6 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ for 
 import piano_gpt_jax  # noqa: E402
 
 
+def allocator_mode() -> str:
+    """Which host allocator this process runs with (a ratio depends on it: host_memory.py)."""
+    return "freed memory kept" if piano_gpt_jax.HOST_MEMORY_KEPT else "glibc defaults"
+
+
 def _batch(vocab: int, batch: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     seq = rng.integers(1, vocab, (batch, T + 1)).astype(np.int32)
@@ -170,8 +175,7 @@ def cpu_mode(args) -> None:
     base = shape_config(args)
     batch = _batch(args.vocab, args.batch, args.context)
     tokens = args.batch * args.context
-    print(f"CPU: {cpu_flags()}; host allocator: "
-          f"{'freed memory kept' if piano_gpt_jax.HOST_MEMORY_KEPT else 'glibc defaults'}")
+    print(f"CPU: {cpu_flags()}; host allocator: {allocator_mode()}")
     print(f"model {args.n_layer}x{args.n_embd} (heads {args.n_head}), vocab {args.vocab}, batch "
           f"{args.batch} x {args.context} tokens, float32, {os.cpu_count()} CPU threads, "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
