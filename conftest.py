@@ -21,6 +21,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # suite compiles hundreds of small programs and runs few steps of each. host_memory_test.py checks
 # the setting itself in subprocesses that clear this variable.
 os.environ.setdefault("PIANO_GPT_JAX_MALLOC", "default")
+# Prepared corpora (data/prepare.py) of this session's temporary datasets go to a temporary
+# folder, not the user's cache; subprocesses (trainer runs) inherit it.
+os.environ.setdefault("PIANO_GPT_JAX_PREPARED", tempfile.mkdtemp(prefix="piano-gpt-jax-prepared-"))
 
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DIR = Path(os.environ.get("PIANO_GPT_SHARED", REPO_ROOT.parent / "shared"))

@@ -14,10 +14,14 @@ import ast
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
 
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.precision import DTYPES
@@ -84,6 +88,9 @@ class DatasetSection:
     extra_datasets: tuple[str, ...] = ()  # training data; empty = the base dataset's train
     pause_detection_threshold: float = 4.0
     augmentation: AugmentationSection = AugmentationSection()
+    # Where prepared corpora live (data/prepare.py); "" = $PIANO_GPT_JAX_CACHE/prepared, else
+    # ~/.cache/piano_gpt_jax/prepared. Multi-host: a folder every host sees, or each prepares.
+    prepared_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,3 +499,47 @@ def _parse_lists(v: dict[str, Any]) -> None:
     v["dataset.extra_datasets"] = tuple(v["dataset.extra_datasets"])
     v["dataset.augmentation.speed_change_factors"] = tuple(
         float(f) for f in v["dataset.augmentation.speed_change_factors"])
+
+
+# ------------------------------------------------------------------ command line
+
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=|$)")
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Reject `--config.<key>` overrides naming no config key, with the closest valid name."""
+    for arg in argv[1:]:
+        m = _OVERRIDE.match(arg)
+        if m and m.group(1) not in SCHEMA:
+            raise ConfigError(f"unknown config key {m.group(1)!r} in {arg!r}."
+                              f"{suggest_key(m.group(1))}")
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/piano.py:tiny",
+                                        lock_config=True)
+    check_override_keys(argv)
+    try:
+        flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 — absl wraps config-file errors in many types
+        raise ConfigError(f"bad command line: {_one_line(e)}") from None
+    if flags.FLAGS.config is None:
+        raise ConfigError("no config given; run e.g. "
+                          "`python -m piano_gpt_jax.train --config configs/piano.py:tiny`")
+    return build_train_config(flags.FLAGS.config)
+
+
+def _one_line(e: BaseException) -> str:
+    """absl's message for a flag or config-file error, as one line a user can act on."""
+    text = str(e)
+    if "Error whilst parsing config file" in text:  # the config file raised: keep its message
+        last = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+        text = last[-1] if last else text
+        m = re.search(r"(\w+Error|\w+Exception): (.*)$", text)
+        if m:
+            text = m.group(2)
+    text = " ".join(text.replace("\\n", " ").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # absl wraps some messages in quotes; keep quotes inside intact
+    return text

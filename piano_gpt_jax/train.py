@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import threading
 import traceback
 
-from absl import flags
-from ml_collections import config_flags
-
-from piano_gpt_jax.config import SCHEMA, ConfigError, TrainConfig, build_train_config, suggest_key
+from piano_gpt_jax.config import ConfigError, parse_config
 from piano_gpt_jax.training.errors import (
     CheckpointWriteError,
     Interrupted,
@@ -40,48 +36,6 @@ from piano_gpt_jax.training.processes import (
 
 __all__ = ["CheckpointWriteError", "Interrupted", "NonFiniteLoss", "UsageError", "eval_only",
            "main", "train"]
-
-_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=|$)")
-
-
-def check_override_keys(argv: list[str]) -> None:
-    """Reject `--config.<key>` overrides naming no config key, with the closest valid name."""
-    for arg in argv[1:]:
-        m = _OVERRIDE.match(arg)
-        if m and m.group(1) not in SCHEMA:
-            raise ConfigError(f"unknown config key {m.group(1)!r} in {arg!r}."
-                              f"{suggest_key(m.group(1))}")
-
-
-def parse_config(argv: list[str]) -> TrainConfig:
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/piano.py:tiny",
-                                        lock_config=True)
-    check_override_keys(argv)
-    try:
-        flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 — absl wraps config-file errors in many types
-        raise ConfigError(f"bad command line: {_one_line(e)}") from None
-    if flags.FLAGS.config is None:
-        raise ConfigError("no config given; run e.g. "
-                          "`python -m piano_gpt_jax.train --config configs/piano.py:tiny`")
-    return build_train_config(flags.FLAGS.config)
-
-
-def _one_line(e: BaseException) -> str:
-    """absl's message for a flag or config-file error, as one line a user can act on."""
-    text = str(e)
-    if "Error whilst parsing config file" in text:  # the config file raised: keep its message
-        last = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
-        text = last[-1] if last else text
-        m = re.search(r"(\w+Error|\w+Exception): (.*)$", text)
-        if m:
-            text = m.group(2)
-    text = " ".join(text.replace("\\n", " ").split())
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]  # absl wraps some messages in quotes; keep quotes inside intact
-    return text
-
 
 class _OrbaxErrorsReportedByUs(logging.Filter):
     """orbax logs every failed background write with tracebacks from several threads (its

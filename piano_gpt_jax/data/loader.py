@@ -9,6 +9,9 @@ number of processes.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import Any, Protocol
 
 import grain
@@ -105,6 +108,20 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each Grain worker: end the worker once its parent is gone, however the parent
+    died (an OOM kill or kill -9 runs no clean-up; an orphaned worker was seen holding 2.1 GB for
+    35 minutes). A daemon thread checks the parent pid once a second."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def make_iterator(ds: grain.MapDataset, data_workers: int = 0, prefetch: int = 8) -> Any:
     """A checkpointable iterator (get_state / set_state) over `ds`.
 
@@ -115,7 +132,8 @@ def make_iterator(ds: grain.MapDataset, data_workers: int = 0, prefetch: int = 8
     if data_workers > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=data_workers, per_worker_buffer_size=2)
+            grain.MultiprocessingOptions(num_workers=data_workers, per_worker_buffer_size=2),
+            worker_init_fn=_exit_with_parent,
         )
     return iter(it_ds)
 

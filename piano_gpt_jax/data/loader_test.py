@@ -79,3 +79,63 @@ def test_workers_give_the_same_batches_as_in_process(records):
             assert all((got[k] == want[k]).all() for k in want)
     finally:
         mp.close()
+
+
+def test_workers_exit_when_the_trainer_is_killed(maestro_dataset, tmp_path):
+    """kill -9 of the process that owns the iterator: its Grain workers follow it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline\n"
+        "from piano_gpt_jax.data.settings import DataSettings\n"
+        "if __name__ == '__main__':\n"
+        f"    s = DataSettings(base_dataset_name={str(maestro_dataset)!r}, batch_size=4,\n"
+        "                     context_size=128, stage='next_token_pretraining', data_workers=2)\n"
+        "    it = make_pipeline(s, build_tokenizer(s), progress=False).train_iterator()\n"
+        "    next(it)\n"
+        "    print('READY', flush=True)\n"
+        "    time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "READY"
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and _parent_of(int(p)) == owner.pid]
+        assert len([w for w in workers if b"spawn_main" in _cmdline(w)]) >= 2
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and _alive(w)
+                                         for w in workers):
+        time.sleep(0.2)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and _alive(w)]
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -5,11 +5,17 @@ validation reads the base dataset's validation split as `full_val` plus one spli
 composer (bach, chopin, mozart) that is present. Evaluation batches are a fixed, seeded subset of
 the validation records, identical on every call, so validation losses are comparable over time
 (the reference resampled them on every evaluation).
+
+Every split is read from its prepared store (data/prepare.py): prepared on first use, mapped from
+disk afterwards, so start-up and each loader worker cost the same whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -17,7 +23,9 @@ import numpy as np
 
 from piano_gpt_jax.config import TokenizerSection
 from piano_gpt_jax.data import loader
-from piano_gpt_jax.data.records import NextTokenRecords, PianoTaskRecords, PieceStore
+from piano_gpt_jax.data.preparation import PrepareError, default_root, ensure_store, store_kind
+from piano_gpt_jax.data.prepared_store import describe
+from piano_gpt_jax.data.records import ConcatRecords, NextTokenRecords, PianoTaskRecords
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.data.sources import load_piano_dataset
 from piano_gpt_jax.music import layouts
@@ -134,7 +142,8 @@ def _load_dataset(name: str, required_splits: tuple[str, ...]):
     return load_piano_dataset(name, required_splits=required_splits)
 
 
-def _train_split(settings: DataSettings, base):
+def _train_splits(settings: DataSettings, base) -> list[tuple[str, datasets.Dataset]]:
+    """(dataset name, train split) of every training dataset, in order."""
     names = list(settings.extra_datasets)
     if not names:
         if "train" not in base:
@@ -142,18 +151,23 @@ def _train_split(settings: DataSettings, base):
                 f"dataset {settings.base_dataset_name!r} has no train split; give "
                 "dataset.extra_datasets with train data"
             )
-        return base["train"], settings.base_dataset_name
+        return [(settings.base_dataset_name, base["train"])]
     splits = []
     for name in names:
         dd = base if name == settings.base_dataset_name else _load_dataset(name, ("train",))
         if "train" not in dd:
             raise ValueError(f"dataset {name!r} (in dataset.extra_datasets) has no train split")
-        splits.append(dd["train"].select_columns(["notes", "source"]))
-    return datasets.concatenate_datasets(splits), ", ".join(names)
+        splits.append((name, dd["train"]))
+    return splits
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class DataPipeline:
-    def __init__(self, settings: DataSettings, tokenizer: ExponentialTimeTokenizer):
+    def __init__(self, settings: DataSettings, tokenizer: ExponentialTimeTokenizer,
+                 log=_log, progress: bool = True):
         self.settings = settings
         self.tokenizer = tokenizer
         s = settings
@@ -167,28 +181,32 @@ class DataPipeline:
                 "data.pipeline.build_tokenizer"
             )
         self.tasks = resolve_tasks(s.tasks) if s.stage == "piano_task" else []
+        self._log, self._progress = log, progress
         base = _load_dataset(s.base_dataset_name, ("validation",))
-        train_split, train_name = _train_split(s, base)
-        self.train_store = PieceStore.from_split(train_split, s.pause_detection_threshold)
-        self.train_records = self._records(self.train_store)
+        train = _train_splits(s, base)
+        self.train_stores = [(name, self._store(split, name, "train")) for name, split in train]
+        parts = [self._records(store) for _, store in self.train_stores]
+        self.train_records = parts[0] if len(parts) == 1 else ConcatRecords(parts)
         if len(self.train_records) == 0:
-            raise ValueError(self._empty_message(f"train data of {train_name!r}", self.train_store))
+            train_name = ", ".join(name for name, _ in train)
+            raise ValueError(self._empty_message(f"train data of {train_name!r}",
+                                                 [st for _, st in self.train_stores]))
         if "validation" not in base or len(base["validation"]) == 0:
             raise ValueError(
                 f"dataset {s.base_dataset_name!r} has no (or an empty) validation split; "
                 "give dataset.base_dataset_name a dataset with a validation split"
             )
-        val_store = PieceStore.from_split(base["validation"], s.pause_detection_threshold)
-        self.eval_records: dict[str, Any] = {"full_val": self._records(val_store)}
+        self.val_store = self._store(base["validation"], s.base_dataset_name, "validation")
+        self.eval_records: dict[str, Any] = {"full_val": self._records(self.val_store)}
         if len(self.eval_records["full_val"]) == 0:
-            raise ValueError(
-                self._empty_message(f"validation split of {s.base_dataset_name!r}", val_store)
-            )
-        keys = val_store.composer_keys()
+            raise ValueError(self._empty_message(
+                f"validation split of {s.base_dataset_name!r}", [self.val_store]))
+        table = self.val_store.source_table
         for composer in COMPOSER_SPLITS:
-            ids = [i for i, k in enumerate(keys) if k == composer]
-            if ids:
-                recs = self._records(val_store.subset(ids))
+            keys = [i for i, key in enumerate(table) if key[2] == composer]
+            ids = np.flatnonzero(np.isin(self.val_store.piece_source, keys))
+            if len(ids):
+                recs = self._records(self.val_store, ids)
                 if len(recs):
                     self.eval_records[composer] = recs
         if s.eval_splits != "auto":
@@ -202,26 +220,49 @@ class DataPipeline:
             self.eval_records = {w: self.eval_records[w] for w in wanted}
         self._eval_cache: dict[tuple[str, int], list] = {}
 
-    def _records(self, store: PieceStore):
+    def _store(self, split, name: str, split_name: str):
+        """The split's prepared store (prepared here on first use)."""
+        s = self.settings
+        kind = store_kind(s.stage)
+        root = Path(s.prepared_dir).expanduser() if s.prepared_dir else default_root()
+        try:
+            store = ensure_store(split, name, split_name, kind, s.pause_detection_threshold,
+                                 self.tokenizer if kind == "tokens" else None, root,
+                                 workers=os.cpu_count(), log=self._log, progress=self._progress)
+        except PrepareError as e:
+            raise ValueError(str(e)) from None
+        self._log(f"data: {name} {split_name}: {describe(store)} ({store.path.name})")
+        return store
+
+    def prepared_stores(self) -> list[tuple[str, Any]]:
+        """(label, store) of every store this pipeline reads."""
+        return [(f"{Path(name).name} train", st) for name, st in self.train_stores] + [
+            (f"{Path(self.settings.base_dataset_name).name} validation", self.val_store)]
+
+    def _records(self, store, pieces=None):
         s = self.settings
         if s.stage == "piano_task":
             return PianoTaskRecords(
                 store, self.tokenizer, self.tasks, s.notes_per_record, s.context_size,
-                s.loss_masking, s.use_time_steps, self.prompt_layout,
+                s.loss_masking, s.use_time_steps, self.prompt_layout, pieces,
             )
-        return NextTokenRecords(store, self.tokenizer, s.context_size, s.use_time_steps)
+        return NextTokenRecords(store, self.tokenizer, s.context_size, s.use_time_steps, pieces)
 
-    def _empty_message(self, what: str, store: PieceStore) -> str:
+    def _empty_message(self, what: str, stores: list) -> str:
         s = self.settings
         need = (
             f"pieces of at least notes_per_record={s.notes_per_record} notes"
             if s.stage == "piano_task"
             else "pieces of at least 2 notes"
         )
+        pieces_ = sum(st.n_pieces for st in stores)
+        notes = sum(st.n_notes for st in stores)
+        skipped = sum(st.skipped_records for st in stores)
+        dropped = sum(st.dropped_notes for st in stores)
         return (
-            f"no usable records in the {what}: {store.n_pieces} pieces, {store.n_notes} notes "
+            f"no usable records in the {what}: {pieces_} pieces, {notes} notes "
             f"(after splitting on pauses > {s.pause_detection_threshold} s; "
-            f"{store.skipped_records} records skipped, {store.dropped_notes} bad notes dropped); "
+            f"{skipped} records skipped, {dropped} bad notes dropped); "
             f"{s.stage} needs {need}. Lower data.notes_per_record, raise "
             "dataset.pause_detection_threshold, or point the dataset names at more data."
         )
@@ -291,15 +332,17 @@ class DataPipeline:
         return out
 
     def summary(self) -> dict[str, Any]:
-        st = self.train_store
+        stores = [st for _, st in self.train_stores]
         return {
             "prompt_layout": self.prompt_layout,
-            "train_pieces": st.n_pieces,
-            "train_notes": st.n_notes,
+            "train_pieces": sum(st.n_pieces for st in stores),
+            "train_notes": sum(st.n_notes for st in stores),
             "train_records": len(self.train_records),
             **{f"{k}_records": len(v) for k, v in self.eval_records.items()},
         }
 
 
-def make_pipeline(settings: DataSettings, tokenizer: ExponentialTimeTokenizer) -> DataPipeline:
-    return DataPipeline(settings, tokenizer)
+def make_pipeline(settings: DataSettings, tokenizer: ExponentialTimeTokenizer,
+                  progress: bool = True) -> DataPipeline:
+    """The pipeline of `settings`; `progress` shows a bar while a corpus is prepared."""
+    return DataPipeline(settings, tokenizer, progress=progress)

@@ -6,6 +6,7 @@ import pytest
 
 from piano_gpt_jax.data import pipeline
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
+from piano_gpt_jax.data.records import PieceStore, tokenize_pieces
 from piano_gpt_jax.data.settings import DataSettings
 
 COMPOSERS = ["Frédéric Chopin", "Johann Sebastian Bach", "Wolfgang Amadeus Mozart", "Franz Liszt"]
@@ -206,11 +207,18 @@ def test_extra_datasets_are_the_training_data(monkeypatch, stand_in):
     s = settings(base_dataset_name="base", extra_datasets=("extra-a", "extra-b"),
                  stage="next_token_pretraining")
     p = make_pipeline(s, build_tokenizer(s))
-    assert p.train_store.n_notes == _n_notes(val) == 3 * 1500  # a (1 piece) + b (2 pieces)
+    assert [name for name, _ in p.train_stores] == ["extra-a", "extra-b"]
+    n_notes = sum(store.n_notes for _, store in p.train_stores)
+    assert n_notes == _n_notes(val) == 3 * 1500  # a (1 piece) + b (2 pieces)
     assert _n_notes(stand_in["train"]) == 3 * 1500  # same size: compare the notes themselves
-    first_train_pitch = p.train_store.piece(0)["pitch"][:20].tolist()
-    assert first_train_pitch == list(val[0]["notes"]["pitch"][:20])
-    assert first_train_pitch != list(stand_in["train"][0]["notes"]["pitch"][:20])
+    tok = p.tokenizer
+
+    def first_ids(split):
+        return tokenize_pieces(PieceStore.from_split(split, 4.0), tok)[0][:20].tolist()
+
+    first_train_ids = p.train_stores[0][1].read(0, 20).tolist()
+    assert first_train_ids == first_ids(val.select([0]))
+    assert first_train_ids != first_ids(stand_in["train"].select([0]))
     base_only = make_pipeline(settings(base_dataset_name="base",
                                        stage="next_token_pretraining"), build_tokenizer(s))
     assert len(base_only.eval_records["full_val"]) == len(p.eval_records["full_val"])

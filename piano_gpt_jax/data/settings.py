@@ -38,6 +38,7 @@ class DataSettings:
     base_dataset_name: str = _DATASET.base_dataset_name
     extra_datasets: tuple[str, ...] = _DATASET.extra_datasets
     pause_detection_threshold: float = _DATASET.pause_detection_threshold
+    prepared_dir: str = _DATASET.prepared_dir
     speed_change_factors: tuple[float, ...] = _AUG.speed_change_factors
     max_pitch_shift: int = _AUG.max_pitch_shift
     batch_size: int = _DATA.batch_size
@@ -84,7 +85,7 @@ class DataSettings:
         values = dict(
             stage=cfg.stage, loss_masking=cfg.loss_masking, tasks=cfg.tasks,
             base_dataset_name=ds.base_dataset_name, extra_datasets=ds.extra_datasets,
-            pause_detection_threshold=ds.pause_detection_threshold,
+            pause_detection_threshold=ds.pause_detection_threshold, prepared_dir=ds.prepared_dir,
             speed_change_factors=ds.augmentation.speed_change_factors,
             max_pitch_shift=ds.augmentation.max_pitch_shift, batch_size=d.batch_size,
             context_size=d.context_size, notes_per_record=d.notes_per_record,
