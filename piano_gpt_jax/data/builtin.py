@@ -21,12 +21,14 @@ Rendering rules (scores carry no performance data, so these are choices):
   repeats are not expanded; all parts (voices, strings) are played as piano notes;
 * pitches outside 21..108 are folded by octaves into that range.
 
-Splits are by piece: per composer, pieces are ordered by a hash of their corpus path; about 10%
+Splits are by piece: per composer, pieces are ordered by a hash of their path inside the music21
+corpus (never the install location, which differs between machines: builtin-v1 hashed the absolute
+path, so its splits and jitter moved with the virtual environment); about 10%
 go to validation and 10% to test, with at least one of each for composers with three or more
 pieces (so the validation split has Bach and Mozart pieces).
 
 Cache: ``$PIANO_GPT_JAX_CACHE`` or ``$XDG_CACHE_HOME/piano_gpt_jax`` or ``~/.cache/piano_gpt_jax``,
-subdirectory ``builtin-v1``; it is built in a temporary sibling directory and renamed into place,
+subdirectory ``builtin-v2``; it is built in a temporary sibling directory and renamed into place,
 so an interrupted or concurrent build never leaves a half-written dataset.
 """
 
@@ -53,7 +55,7 @@ from piano_gpt_jax.data.piano_dataset import (
 from piano_gpt_jax.music.midi import piecewise_time_map
 from piano_gpt_jax.music.pieces import PITCH_MAX, PITCH_MIN, clean_notes
 
-BUILTIN_VERSION = "builtin-v1"
+BUILTIN_VERSION = "builtin-v2"
 DATASET_NAME = "music21-corpus"
 DEFAULT_QPM = 90.0
 QPM_RANGE = (40.0, 200.0)
@@ -207,13 +209,18 @@ def _part_notes(part) -> tuple[list[float], list[float], list[int], np.ndarray]:
     return onsets, lengths, pitches, levels
 
 
+def corpus_path(path: str) -> str:
+    """A score's path inside the music21 corpus ("bach/bwv1.6.mxl"), the same on every machine."""
+    return path.replace("\\", "/").split("/corpus/")[-1]
+
+
 def _perform(path: str, to_sec, onsets: list[float], lengths: list[float], pitches: list[int],
              levels: list) -> dict[str, np.ndarray]:
     """Score notes played: accents on the beat and a jitter seeded by the file's path, so the
     built-in dataset is the same on every machine."""
     onset_q = np.asarray(onsets, dtype=np.float64)
     end_q = onset_q + np.asarray(lengths, dtype=np.float64)
-    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    rng = np.random.default_rng(zlib.crc32(corpus_path(path).encode()))
     on_beat = np.isclose(onset_q, np.round(onset_q))
     velocity = np.asarray(levels, dtype=np.int64) + np.where(on_beat, 4, -2)
     velocity = velocity + rng.integers(-4, 5, size=len(onset_q))
@@ -227,7 +234,7 @@ def _perform(path: str, to_sec, onsets: list[float], lengths: list[float], pitch
 
 
 def _source_json(path: str, composer: str, score, marks: list[tuple[float, float]]) -> str:
-    rel = path.replace("\\", "/").split("/corpus/")[-1]
+    rel = corpus_path(path)
     title = None
     if score.metadata is not None:  # music21 puts the file name in `title` when there is none
         names = (score.metadata.title, score.metadata.movementName)
@@ -254,7 +261,7 @@ def split_pieces(paths_by_composer: dict[str, list[str]]) -> dict[str, str]:
     """Corpus path -> split, per composer in hash order; see the module doc."""
     split_of = {}
     for paths in paths_by_composer.values():
-        order = sorted(paths, key=lambda p: zlib.crc32(p.encode()))
+        order = sorted(paths, key=lambda p: zlib.crc32(corpus_path(p).encode()))
         n = len(order)
         n_val = max(1, round(0.1 * n)) if n >= 3 else 0
         n_test = max(1, round(0.1 * n)) if n >= 3 else 0

@@ -79,8 +79,8 @@ def test_first_build_into_fresh_cache(tmp_path, monkeypatch):
     ds = load_piano_dataset("builtin")
     elapsed = time.perf_counter() - began
     assert elapsed < 240, f"built-in dataset build took {elapsed:.0f} s"  # ~40 s on idle 2 cores
-    assert (tmp_path / "cache" / "builtin-v1" / "dataset_dict.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["builtin-v1"]
+    assert (tmp_path / "cache" / "builtin-v2" / "dataset_dict.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["builtin-v2"]
 
     assert set(ds) == set(SPLITS)
     for split in SPLITS:
@@ -100,3 +100,19 @@ def test_first_build_into_fresh_cache(tmp_path, monkeypatch):
     again = load_piano_dataset("builtin")
     assert time.perf_counter() - began < 5
     assert again["validation"]["source"] == ds["validation"]["source"]
+
+
+def test_splits_do_not_depend_on_where_music21_is_installed():
+    """builtin-v1 hashed absolute paths: a clone in another folder got other splits."""
+    from piano_gpt_jax.data.builtin import split_pieces
+
+    rel = [f"bach/bwv{i}.mxl" for i in range(40)] + [f"mozart/k{i}.mxl" for i in range(12)]
+
+    def splits(prefix: str) -> dict[str, str]:
+        by_composer: dict[str, list[str]] = {}
+        for r in rel:
+            by_composer.setdefault(r.split("/")[0], []).append(f"{prefix}/music21/corpus/{r}")
+        return {p.split("/corpus/")[-1]: s for p, s in split_pieces(by_composer).items()}
+
+    here, there = splits("/work/main/.venv/lib"), splits("/tmp/ci/main/.venv/lib")
+    assert here == there and set(here.values()) == {"train", "validation", "test"}

@@ -38,8 +38,9 @@ def digest(batches) -> str:
 
 
 # Digests of the batches of the pipeline before prepared stores (commit 8df3fcf: every split
-# read into memory and tokenized at each start), computed by the same `digest` over the same
-# settings: train batches 0-2, two eval batches of every eval split, three eval examples.
+# read into memory and tokenized at each start; its builtin.py given this commit's install-path
+# independent splits, builtin-v2), computed by the same `digest` over the same settings: train
+# batches 0-2, two eval batches of every eval split, three eval examples.
 COMMON = dict(use_time_steps=True, max_pitch_shift=5, seed=7)
 CASES = {
     "maestro_task": (dict(batch_size=8, context_size=512, notes_per_record=64,
@@ -56,21 +57,21 @@ CASES = {
                             {"train": "56d77c19b0728517", "full_val": "9d270777798bdb01"}),
     "builtin_task": (dict(base_dataset_name="builtin", batch_size=4, context_size=256,
                           notes_per_record=32, speed_change_factors=(0.9,)),
-                     {"train": "c01f76ee1383a554", "full_val": "f8be24e28ca75ea5",
-                      "bach": "f0b7633600927d75", "mozart": "cb1031108087ac93",
-                      "examples": "88235103aabc8a7a"}),
+                     {"train": "5ed359c6d2666aff", "full_val": "36f52e65f57f556f",
+                      "bach": "b60d95d51e8c28da", "mozart": "9e5c9ba61cb46fee",
+                      "examples": "bb6903384ad3d7e7"}),
     "builtin_next": (dict(stage="next_token_pretraining", base_dataset_name="builtin",
                           batch_size=4, context_size=128),
-                     {"train": "b044a295bfd24570", "full_val": "8efa8e5621f8276c",
-                      "bach": "89a6b356a8b05d4b", "mozart": "9a9ec921cb509202"}),
+                     {"train": "076903955a63b1fb", "full_val": "ac35c482e1a04c1e",
+                      "bach": "593f798635d1c709", "mozart": "417dffa16298f39f"}),
     "extra_next": (dict(stage="next_token_pretraining", extra_datasets=("MAESTRO", "builtin"),
                         batch_size=4, context_size=128),
-                   {"train": "1b6c714614696b51", "full_val": "25872f86794ab8e0"}),
+                   {"train": "d038e3b2bbd613d3", "full_val": "25872f86794ab8e0"}),
     "extra_task": (dict(base_dataset_name="builtin", extra_datasets=("builtin", "MAESTRO"),
                         batch_size=4, context_size=256, notes_per_record=32),
-                   {"train": "6d578138f0d8d45b", "full_val": "f8be24e28ca75ea5",
-                    "bach": "f0b7633600927d75", "mozart": "cb1031108087ac93",
-                    "examples": "88235103aabc8a7a"}),
+                   {"train": "e2d6ee2e95b48147", "full_val": "36f52e65f57f556f",
+                    "bach": "b60d95d51e8c28da", "mozart": "9e5c9ba61cb46fee",
+                    "examples": "bb6903384ad3d7e7"}),
 }
 
 
