@@ -13,11 +13,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from absl import flags
@@ -515,7 +517,39 @@ def check_override_keys(argv: list[str]) -> None:
                               f"{suggest_key(m.group(1))}")
 
 
-def parse_config(argv: list[str]) -> TrainConfig:
+class HelpRequested(Exception):
+    """`--help` on a command line; the message is the usage to print (exit 0)."""
+
+
+HELP_FLAGS = ("-h", "--help", "--helpfull", "-help")
+
+
+def usage(prog: str, what: str) -> str:
+    """The usage of a command that takes the trainer's config flags; the presets are read from
+    configs/piano.py when it is there (run from the repository root)."""
+    presets = ""
+    recipe = Path("configs/piano.py")
+    if recipe.is_file():
+        spec = importlib.util.spec_from_file_location("_piano_recipe", recipe)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+            names = ", ".join(["tiny", *getattr(module, "MODEL_PRESETS", {})])
+            presets = (f"\npresets (configs/piano.py:PRESET): {names}; none = the GPU recipe "
+                       "(gpt2); tiny = a few minutes on a CPU with the built-in data")
+        except Exception:  # noqa: BLE001 — a broken recipe file is reported when it is used
+            presets = ""
+    return (f"usage: python -m {prog} --config configs/piano.py[:PRESET] [--config.KEY=VALUE ...]"
+            f"\n{what}{presets}"
+            "\nkeys: any key of README.md \"Configuration\", e.g. --config.optimizer.max_iters=50 "
+            "(a misspelt key is refused with the closest name)")
+
+
+def parse_config(argv: list[str], prog: str = "piano_gpt_jax.train",
+                 what: str = "Train (or with eval_only, evaluate) a piano GPT.") -> TrainConfig:
+    """The config of a command line; HelpRequested for --help, ConfigError for a bad one."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        raise HelpRequested(usage(prog, what))
     if "config" not in flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/piano.py:tiny",
                                         lock_config=True)

@@ -141,3 +141,21 @@ def test_config_validation():
     with pytest.raises(ValueError, match="dtype"):
         ModelConfig(vocab_size=10, n_layer=1, n_head=2, n_embd=16, context_size=8, dtype="fp8")
     assert ModelConfig.from_dict({**TINY.to_dict(), "unknown": 1}) == TINY
+
+
+def test_eval_mode_dropout_is_the_identity():
+    """Evaluation and sampling (deterministic=True) with dropout 0.3 give dropout 0's logits;
+    training mode really drops (so the check above can fail)."""
+    import dataclasses
+
+    from piano_gpt_jax.model import GPT
+
+    cfg0, cfg3 = (dataclasses.replace(TINY, dropout=d) for d in (0.0, 0.3))
+    params = init_params(cfg0, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 50)
+    steps = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    eval_logits = forward(cfg3, params, tokens, steps)
+    np.testing.assert_array_equal(eval_logits, forward(cfg0, params, tokens, steps))
+    train_logits = GPT(cfg3).apply({"params": params}, tokens, steps, deterministic=False,
+                                   rngs={"dropout": jax.random.PRNGKey(2)})
+    assert float(jnp.max(jnp.abs(train_logits - eval_logits))) > 1e-3

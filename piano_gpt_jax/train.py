@@ -18,7 +18,7 @@ import sys
 import threading
 import traceback
 
-from piano_gpt_jax.config import ConfigError, parse_config
+from piano_gpt_jax.config import ConfigError, HelpRequested, parse_config
 from piano_gpt_jax.training.errors import (
     CheckpointWriteError,
     Interrupted,
@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
         cfg = parse_config(argv)
+    except HelpRequested as e:
+        print(e)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         select_platform(cfg)
         maybe_init_distributed(cfg)
         check_devices(cfg)

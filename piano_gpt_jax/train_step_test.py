@@ -178,3 +178,36 @@ def test_without_jit_gives_the_same_step():
             state, m = fn(state, b)
         losses.append(float(m["loss"]))
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_float16_gradients_are_unscaled_before_clipping_and_adam(clipped):
+    """One float16 step (loss scale 2**10) and one float32 step from the same start give the
+    same Adam first moment within float16 rounding. Gradients left scaled would be 1024x larger
+    without clipping, and with a clip threshold above the true gradient norm they would be cut
+    down to it: both far outside the tolerance."""
+    from piano_gpt_jax.optim import adam_state
+
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
+    grads = jax.grad(lambda p: token_loss(CFG, p, batch)[0])(params)
+    norm = float(optax_global_norm(grads))
+    opt = OPT.replace(grad_clip=2.0 * norm if clipped else 0.0)
+    mus = []
+    for dtype, precision in (("float32", Precision()),
+                             ("float16", Precision("float16", init_scale=2.0**10))):
+        train, _, state, mesh = steps(dataclasses.replace(CFG, dtype=dtype), opt, precision)
+        state, metrics = train(state, shard_batch(make_batch(3), mesh))
+        assert bool(metrics["grads_finite"])
+        mu = adam_state(jax.device_get(state["opt_state"]))[0].mu
+        mus.append(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(mu)]))
+    mu32, mu16 = mus
+    scale = np.abs(mu32).max()
+    assert scale > 0
+    np.testing.assert_allclose(mu16, mu32, atol=2e-2 * scale)
+
+
+def optax_global_norm(tree):
+    import optax
+
+    return optax.global_norm(tree)

@@ -59,6 +59,21 @@ def test_bad_init_checkpoints_stop_before_anything_is_written(reference_checkpoi
     assert not out.exists()
 
 
+def test_init_from_already_past_max_iters_is_refused_before_anything_is_written(
+        reference_checkpoint, tmp_path):
+    """It used to exit 0 with "done: step N", training nothing and leaving an empty
+    checkpoints/ and a 0-byte metrics.jsonl."""
+    pt, _ = reference_checkpoint(bias=True)  # written at a step past 3
+    out = tmp_path / "run"
+    cfg = build_train_config({"out_dir": str(out), "init_from": str(pt), "init_optimizer": True,
+                              "optimizer": {"max_iters": 3},
+                              "dataset": {"base_dataset_name": str(tmp_path / "no-data")}})
+    with pytest.raises(trainer.UsageError, match=r"at step (\d+), already at or past "
+                                                 r"optimizer.max_iters=3.*above \1"):
+        trainer.train(cfg)
+    assert not out.exists()
+
+
 @pytest.mark.slow  # a `python -m piano_gpt_jax.train` subprocess
 def test_the_command_line_exits_2_with_one_line(reference_checkpoint, tmp_path):
     pt = _variant(reference_checkpoint, tmp_path, "legacy.pt", lambda c: c.pop("optimizer"))
@@ -110,3 +125,10 @@ def test_a_checkpoint_vocabulary_without_room_for_the_prompt_layout_stops(tmp_pa
                              r"slots.*'annotated' prompt layout.*data.prompt_layout='plain'"):
         trainer.train(cfg)
     assert not out.exists()
+
+
+def test_help_shows_the_usage_and_the_presets(capsys):
+    assert trainer.main(["piano_gpt_jax.train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m piano_gpt_jax.train --config configs/piano.py")
+    assert "tiny" in out and "gpt2_medium" in out and 'README.md "Configuration"' in out

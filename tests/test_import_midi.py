@@ -123,3 +123,13 @@ def test_cli_options_no_sustain_fractions_and_seed(maestro_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(row["notes"]["end"]), dry.end.to_numpy())
     np.testing.assert_array_equal(np.asarray(row["notes"]["pitch"]), dry.pitch.to_numpy())
     assert _all_notes(ds) == MAESTRO_NOTES  # the pedal moves note ends, never adds or drops
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_dataset(maestro_dir, tmp_path):
+    """--overwrite used to replace any non-empty OUT_DIR, unrelated files included."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("months of work")
+    with pytest.raises(SystemExit, match="not a dataset written by save_to_disk"):
+        import_midi.main([str(maestro_dir), str(out), "--overwrite"])
+    assert (out / "thesis.tex").read_text() == "months of work"

@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {out_dir} already exists and is not empty; choose another OUT_DIR "
             "or pass --overwrite"
         )
+    if args.overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (
+            out_dir / "dataset_dict.json").is_file():
+        # --overwrite replaces a dataset we wrote; never a folder of other files
+        raise SystemExit(
+            f"error: {out_dir} holds files that are not a dataset written by save_to_disk (no "
+            "dataset_dict.json); --overwrite only replaces a dataset. Choose another OUT_DIR."
+        )
     try:
         result = import_midi_folder(
             args.midi_dir,

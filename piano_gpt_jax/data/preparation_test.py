@@ -157,6 +157,8 @@ def test_a_worker_gets_paths_not_arrays(maestro_dataset):
     store = p.train_stores[0][1]
     assert str(store.path).encode() in payload
     assert store.ids.tobytes()[:4096] not in payload
+    window_index = p.train_records._start_cum  # per piece: grows with the corpus
+    assert len(window_index) > 10 and window_index.tobytes() not in payload
     again = pickle.loads(payload)
     assert np.array_equal(next(iter(again))["tokens"], next(iter(ds))["tokens"])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from piano_gpt_jax.config import ConfigError, parse_config
+from piano_gpt_jax.config import ConfigError, HelpRequested, parse_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.preparation import PrepareError
 from piano_gpt_jax.data.settings import DataSettings
@@ -34,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare what `python -m piano_gpt_jax.train` with the same arguments would read."""
     argv = list(sys.argv if argv is None else argv)
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, "piano_gpt_jax.data.prepare",
+                           "Prepare the corpus the trainer with these arguments reads.")
         settings = DataSettings.from_config(cfg)
         started = time.perf_counter()
         pipeline = make_pipeline(settings, build_tokenizer(settings))
+    except HelpRequested as e:
+        print(e)
+        return 0
     except (ConfigError, PrepareError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -194,7 +194,7 @@ def _open_run(cfg: TrainConfig) -> _Run:
         raise UsageError(str(e)) from None
     mesh = start_lib.run_mesh(cfg)
     tx, precision = make_optimizer(cfg.optim), Precision(cfg.system.dtype)
-    notes: list[str] = []
+    notes: list[str] = start_lib.schedule_notes(cfg)
     guarded = False
     if not has_steps(out_dir):  # nothing to resume: protect an earlier run before writing
         notes += start_lib.guard_new_run(out_dir, cfg, main_process)

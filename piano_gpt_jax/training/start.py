@@ -28,7 +28,7 @@ from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, init_params
-from piano_gpt_jax.optim import ADAM_EPS, with_adam_state
+from piano_gpt_jax.optim import ADAM_EPS, lr_at, with_adam_state
 from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.sharding import check_batch_divisible, make_mesh, place, tree_shardings
 from piano_gpt_jax.train_step import init_train_state, shard_batch
@@ -103,6 +103,19 @@ def eval_batches(cfg: TrainConfig, pipeline, mesh) -> dict[str, list]:
             for s in pipeline.eval_split_names}
 
 
+def schedule_notes(cfg: TrainConfig) -> list[str]:
+    """A warning when the learning rate never reaches lr.learning_rate: warmup longer than the
+    run (it trained without a word before)."""
+    lr = cfg.lr
+    if not lr.decay_lr or lr.warmup_iters <= cfg.optimizer.max_iters:
+        return []
+    peak = lr_at(cfg.optim, cfg.optimizer.max_iters)
+    return [f"warning: lr.warmup_iters ({lr.warmup_iters}) is longer than optimizer.max_iters "
+            f"({cfg.optimizer.max_iters}): the learning rate never reaches lr.learning_rate="
+            f"{lr.learning_rate:g} (it ends at {peak:.3g}). Lower lr.warmup_iters or raise "
+            "optimizer.max_iters if that is not intended."]
+
+
 def load_init(path: str, with_optimizer: bool = False) -> CheckpointRecord:
     try:
         return load_any_checkpoint(path, with_optimizer=with_optimizer)
@@ -150,6 +163,13 @@ def resolve_start(cfg: TrainConfig, ckpt: TrainCheckpointer, mesh, tx, precision
                      meta["model_config"], resumed=resumed)
     if not cfg.from_scratch:
         init = load_init(cfg.init_from, with_optimizer=cfg.init_optimizer)
+        if cfg.init_optimizer and init.meta.step >= cfg.optimizer.max_iters:
+            raise UsageError(
+                f"init_from={cfg.init_from} is at step {init.meta.step}, already at or past "
+                f"optimizer.max_iters={cfg.optimizer.max_iters}: with init_optimizer=True there "
+                f"is nothing to train. Raise --config.optimizer.max_iters above "
+                f"{init.meta.step} to continue it, or drop init_optimizer to start a new "
+                "schedule from its weights.")
         return Start(f"init_from={cfg.init_from}", init.tokenizer_desc,
                      init.model_config.to_dict(), init=init)
     return Start("config", None, None)

@@ -45,3 +45,19 @@ def test_architecture_ignores_what_may_change_between_runs():
     changed = dataclasses.replace(MODEL, dropout=0.1, dtype="bfloat16", attention="einsum")
     assert architecture(changed) == architecture(MODEL)
     assert architecture(dataclasses.replace(MODEL, n_layer=3)) != architecture(MODEL)
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about():
+    from piano_gpt_jax.config import build_train_config
+    from piano_gpt_jax.training.start import schedule_notes
+
+    short = build_train_config({"optimizer": {"max_iters": 3}, "lr": {"warmup_iters": 40,
+                                                                      "learning_rate": 1e-3}})
+    (note,) = schedule_notes(short)
+    assert "never reaches lr.learning_rate=0.001" in note
+    assert "ends at 7.5e-05" in note  # 3/40 of it
+    assert schedule_notes(build_train_config({"optimizer": {"max_iters": 40},
+                                              "lr": {"warmup_iters": 40}})) == []
+    assert schedule_notes(build_train_config({"optimizer": {"max_iters": 3},
+                                              "lr": {"warmup_iters": 40,
+                                                     "decay_lr": False}})) == []
