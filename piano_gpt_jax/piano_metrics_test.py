@@ -192,3 +192,17 @@ def test_identical_real_music_scores_perfectly(maestro_dir):
     moved = m.calculate_flat(df, shifted)
     assert moved["confusion metrics/weighted_f1"] < 0.9
     assert moved["pitch distribution/correlation"] == pytest.approx(1.0)
+
+
+def test_f1_is_weighted_by_segment_duration():
+    """Target: a 3 s note and a 1 s note starting together; generated: only the long one.
+    Segment [0, 1] s has recall 1/2 and F1 2/3, segment [1, 3] s recall 1 and F1 1: weighted by
+    duration, recall 5/6 and F1 8/9 (an unweighted mean would give 3/4 and 5/6)."""
+    target = {"pitch": np.array([60, 64]), "velocity": np.array([80, 80]),
+              "start": np.array([0.0, 0.0]), "end": np.array([3.0, 1.0])}
+    generated = {k: v[:1] for k, v in target.items()}
+    scores = pm.f1_scores(target, generated, use_pitch_class=False)
+    assert scores["durations"] == [100, 200]
+    assert scores["weighted_recall"] == pytest.approx(5 / 6)
+    assert scores["weighted_f1"] == pytest.approx(8 / 9)
+    assert scores["weighted_precision"] == pytest.approx(1.0)

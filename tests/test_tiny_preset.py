@@ -2,7 +2,7 @@
 x 128, 4 heads) on 256-token PIANO-task records, batch 16, 600 steps at lr 1e-3 (warmup 40,
 cosine to 1e-4 over the whole run), evaluated every 200 steps, float32 on the CPU, on the built-in
 dataset; untrained, its validation loss is 7.74 (ln 2265 = 7.73: a nearly uniform guess). The
-training run itself (about five minutes, 7.74 -> 2.12) is too long for the suite."""
+training run itself (about four minutes, 7.74 -> 2.18) is too long for the suite."""
 
 from __future__ import annotations
 

@@ -118,3 +118,11 @@ def test_resolve_tasks_accepts_names_and_config_dicts():
 def test_unknown_tasks_give_a_clear_error(spec):
     with pytest.raises(ValueError, match="valid|task set"):
         resolve_tasks(spec)
+
+
+@pytest.mark.parametrize("gap, in_chord", [(0.0149, True), (0.0151, False)])
+def test_chord_tolerance_at_its_boundary(gap, in_chord):
+    """CHORD_TOLERANCE_S = 15 ms: a note starting 14.9 ms after the previous one joins its chord
+    (and is masked), one starting 15.1 ms after does not."""
+    part = ChordMasking(2).split(notes([(60, 0.0, 1.0), (64, gap, 1.0), (67, 2.0, 3.0)]))
+    assert rows_of(part.target) == ([1] if in_chord else [])
