@@ -295,9 +295,8 @@ def _merge(partial: Path, chunks: list[Chunk], stats: list[dict], kind: str,
             _write_column(out / "ids.npy", np.uint8, 3 * ((n_tokens + 1) // 2), _packed(ids))
         else:
             _write_column(out / "ids.npy", token_format, n_tokens, ids)
-        ranks = block_ranks(
-            lambda a, b: ps.read_ids(lambda x, y: ps.read_column(out / "ids.npy", x, y),
-                                     token_format, a, b), n_tokens, is_note_on)
+        ranks = block_ranks(lambda a, b: ps.scan_ids(out / "ids.npy", token_format, a, b),
+                            n_tokens, is_note_on)
         np.save(out / "block_rank.npy", ranks)
     else:
         for column, dtype in ps.NOTE_DTYPES.items():

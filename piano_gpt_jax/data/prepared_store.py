@@ -33,17 +33,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 FORMAT_VERSION = 2
 KINDS = ("notes", "tokens")
 MANIFEST = "manifest.json"
-COLUMNS = {
-    "notes": ("offsets", "piece_source", "pitch", "velocity", "start", "end"),
-    "tokens": ("offsets", "piece_source", "ids", "block_rank"),
-}
 NOTE_DTYPES = {"pitch": np.uint8, "velocity": np.uint8, "start": np.float64, "end": np.float64}
 
 
@@ -240,10 +235,14 @@ class PreparedTokens(PreparedStore):
         return read_ids(lambda x, y: self.ids[x:y], self.format, a, b)
 
     def scan(self, a: int, b: int) -> np.ndarray:
-        """ids a:b read into private memory, for whole-corpus passes: a pass through the map
-        would leave every page of the file in this process's resident set."""
-        file = self.path / "ids.npy"
-        return read_ids(lambda x, y: read_column(file, x, y), self.format, a, b)
+        return scan_ids(self.path / "ids.npy", self.format, a, b)
+
+
+def scan_ids(file: Path, fmt: str, a: int, b: int) -> np.ndarray:
+    """Token ids a:b of an ids column read into private memory, for whole-corpus passes (the
+    preparation's block ranks, a new context size's window counts): a pass through the map
+    would leave every page of the file in this process's resident set."""
+    return read_ids(lambda x, y: read_column(file, x, y), fmt, a, b)
 
 
 def read_column(file: Path, a: int, b: int) -> np.ndarray:
@@ -258,11 +257,10 @@ def read_column(file: Path, a: int, b: int) -> np.ndarray:
         return np.fromfile(f, dtype=dtype, count=max(b - a, 0))
 
 
-def describe(store: Any) -> str:
+def describe(store: PreparedStore) -> str:
     """'12 pieces, 94,211 notes, 470,112 tokens, 0.9 MB': a store's size in one phrase."""
     parts = [f"{store.n_pieces:,} pieces", f"{store.n_notes:,} notes"]
     if isinstance(store, PreparedTokens):
         parts.append(f"{store.n_tokens:,} tokens")
-    if isinstance(store, PreparedStore):
-        parts.append(f"{store.n_bytes / 1e6:,.1f} MB")
+    parts.append(f"{store.n_bytes / 1e6:,.1f} MB")
     return ", ".join(parts)

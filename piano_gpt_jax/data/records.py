@@ -387,6 +387,8 @@ class TokenStore:
     def read(self, a: int, b: int) -> np.ndarray:
         return np.asarray(self.ids[a:b])
 
+    scan = read  # whole-corpus passes: in memory, reading is all there is
+
     def cached_index(self, name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
         return build()
 
@@ -399,8 +401,7 @@ def window_start_counts(store, content: int, is_note_on) -> np.ndarray:
     last = np.maximum(lengths - content, 0)
     bounds = np.empty(2 * len(lengths), np.int64)
     bounds[0::2], bounds[1::2] = offsets[:-1], offsets[:-1] + last + 1
-    scan = getattr(store, "scan", store.read)  # a prepared store reads, rather than maps, here
-    ranks = non_note_on_ranks(scan, store.n_tokens, bounds, is_note_on)
+    ranks = non_note_on_ranks(store.scan, store.n_tokens, bounds, is_note_on)
     return ranks[1::2] - ranks[0::2]
 
 
