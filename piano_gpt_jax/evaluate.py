@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax import piano_metrics, sampling
 from piano_gpt_jax.checkpoints import load_any_checkpoint, resolve_step_dir
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
@@ -144,12 +145,23 @@ def format_tables(results: dict, max_columns: int = 6) -> str:
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
-    """Append records; NaN is written as null so every line stays valid JSON."""
+    """Append records, all or none (a failed write is cut back off, so the log never ends in a
+    torn line); NaN is written as null so every line stays valid JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    text = "".join(json.dumps({k: clean(v) for k, v in r.items()}) + "\n" for r in records)
+    existed = path.exists()
     with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({k: clean(v) for k, v in r.items()}) + "\n")
+        size = f.tell()
+        try:
+            f.write(text)
+            f.flush()
+        except OSError:
+            f.truncate(size)
+            if not existed:
+                f.close()
+                path.unlink(missing_ok=True)
+            raise
 
 
 def run_dir_of(path: Path) -> Path:
@@ -192,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = load_any_checkpoint(path)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {path}: {e}") from None
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir_of(path)
+    try:  # before the slow work: an output that cannot be written costs nothing
+        out_dir_lib.check_writable(out_dir, "--out-dir")
+    except out_dir_lib.OutDirError as e:
+        raise SystemExit(f"error: {e}") from None
     if record.tokenizer_desc is None:
         raise SystemExit(f"error: {path} has no tokenizer_desc; PIANO prompts need the run's "
                          "tokenizer. Re-export the checkpoint with its tokenizer.")
@@ -224,11 +241,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{seconds:.1f} s")
     print(format_tables(results))
 
-    out_dir = Path(args.out_dir) if args.out_dir else run_dir_of(path)
     records = [{"event": "task_eval", "checkpoint": str(path), "step": record.step, "split": split,
                 "task": task, "temperature": args.temperature, **values}
                for split, per_task in results.items() for task, values in per_task.items()]
-    append_jsonl(out_dir / "metrics.jsonl", records)
+    try:
+        append_jsonl(out_dir / "metrics.jsonl", records)
+    except OSError as e:
+        raise SystemExit(f"error: cannot append the results to {out_dir / 'metrics.jsonl'} "
+                         f"({out_dir_lib.os_error_reason(e)}); the table above is all that was "
+                         "kept. Free some space or pass --out-dir.") from None
     print(f"appended {len(records)} rows to {out_dir / 'metrics.jsonl'}")
     if args.wandb:
         _log_wandb(args, record, results)

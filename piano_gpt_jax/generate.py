@@ -24,6 +24,7 @@ combined.mid (prompt + generation), for --task also target.mid, and pianoroll.pn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax import pianoroll, sampling
 from piano_gpt_jax.checkpoints import CheckpointError, load_any_checkpoint
 from piano_gpt_jax.data.settings import settings_for_checkpoint
@@ -243,7 +245,40 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
         result = sampler(record, [prompt.ids] * args.num_samples, settings, prompt.tables)
     except ValueError as e:  # a request the sampler refuses up front (e.g. memory)
         raise GenerateError(str(e)) from None
-    samples = _write_outputs(args, paths, prompt, result, tokenizer, task)
+    with _written_or_removed(Path(args.out), paths):
+        samples = _write_outputs(args, paths, prompt, result, tokenizer, task)
+        summary = _summary(args, record, prompt, result, samples, task, paths)
+        # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
+        paths["ids"].write_text(json.dumps({**summary,
+                                            "prompt_ids": [int(t) for t in prompt.ids]}))
+    return summary
+
+
+@contextlib.contextmanager
+def _written_or_removed(out: Path, paths: dict[str, Path]):
+    """All of this request's files, or none: on a write error (full disk, a folder made
+    read-only meanwhile) the files it created are removed, and the folders it made."""
+    created = None  # the outermost folder this request creates
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created = folder
+    existed = {p for p in paths.values() if p.exists()}
+    try:
+        yield
+    except OSError as e:
+        for p in paths.values():
+            if p not in existed:
+                p.unlink(missing_ok=True)
+        if created is not None:
+            out_dir_lib.remove_if_empty(created)
+        raise GenerateError(f"cannot write the outputs to {out} "
+                            f"({out_dir_lib.os_error_reason(e)}); nothing of this request was "
+                            "kept. Free some space or choose another --out.") from None
+
+
+def _summary(args: argparse.Namespace, record, prompt, result, samples: list,
+             task, paths: dict[str, Path]) -> dict[str, Any]:
     summary = {"checkpoint": str(args.checkpoint), "step": record.step, "prompt": prompt.described,
                "prompt_note": prompt.fit_note,
                "task": task.task_name if task else None,
@@ -254,8 +289,6 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
                "files": {name: str(path) for name, path in paths.items()}}
     if prompt.target is not None:
         summary["target_notes"] = int(len(prompt.target))
-    # The token ids themselves, so two samplers (JAX, PyTorch) can be compared exactly.
-    paths["ids"].write_text(json.dumps({**summary, "prompt_ids": [int(t) for t in prompt.ids]}))
     return summary
 
 
@@ -279,6 +312,10 @@ def _output_paths(args: argparse.Namespace, has_target: bool) -> dict[str, Path]
     if existing and not args.overwrite:
         raise GenerateError(f"{existing[0]} exists (and {len(existing) - 1} more); pass "
                             "--overwrite or choose another --out")
+    try:
+        out_dir_lib.check_writable(args.out, "--out")
+    except out_dir_lib.OutDirError as e:
+        raise GenerateError(str(e)) from None
     if args.prompt_midi and not Path(args.prompt_midi).is_file():
         raise GenerateError(f"--prompt-midi {args.prompt_midi}: no such file")
     return paths

@@ -60,6 +60,42 @@ def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+def os_error_reason(e: OSError) -> str:
+    """An OSError in a few words ("no space left on the device", "Permission denied")."""
+    return _reason(e)
+
+
+def check_writable(directory: str | Path, flag: str) -> None:
+    """Prove the tools can create and write `directory` before any slow work, leaving nothing
+    behind: a folder created for the probe is removed again (OutDirError names `flag`)."""
+    directory = Path(directory)
+    missing = []
+    probe_parent = directory
+    while not probe_parent.exists() and probe_parent != probe_parent.parent:
+        missing.append(probe_parent)
+        probe_parent = probe_parent.parent
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise OutDirError(f"{flag} {directory} is a file, not a directory; choose another "
+                              f"{flag}.")
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        try:
+            os.write(fd, b"\0" * 4096)  # a full disk can still create an empty file
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutDirError(f"cannot write to {flag} {directory} ({_reason(e)}); choose a "
+                          f"directory you can write to with {flag}.") from None
+    finally:
+        for d in missing:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
 def earlier_outputs(out_dir: Path) -> list[str]:
     """Outputs of a run that got past its first checkpoint: exports, an old best/ directory."""
     found = [name for name in EXPORTS if (out_dir / name).exists()]

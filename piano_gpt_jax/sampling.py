@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from piano_gpt_jax import memory_limits
 from piano_gpt_jax.model import ModelConfig, forward_cached, init_cache
 from piano_gpt_jax.music.time_steps import TimeTables, clock_after, time_steps, time_tables
 
@@ -264,21 +264,22 @@ _BYTES_PER_POSITION = 4 * 2 * 2 + 8
 
 
 def check_buffer_memory(batch: int, length: int, max_new_tokens: int) -> None:
-    """Refuse up front a request whose token buffers cannot fit in half of this machine's
-    memory, instead of allocating until the kernel kills the process."""
+    """Refuse up front a request whose token buffers cannot fit in half of the memory this
+    process can still take (the host's, its `ulimit -v`, its cgroup: memory_limits.py),
+    instead of allocating until the kernel kills the process."""
     need = batch * length * _BYTES_PER_POSITION
-    try:
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
+    limit = memory_limits.host_budget()
+    if limit is None:
         return
+    budget = limit.bytes // 2
     if need > budget:
         overhead = length - max_new_tokens  # the prompt and rounding
         fits = max(budget // (batch * _BYTES_PER_POSITION) - overhead - _LENGTH_BUCKET, 0)
         raise ValueError(
             f"{batch} sample(s) of {max_new_tokens:,} new tokens need about "
-            f"{need / 2**30:.1f} GiB of token buffers, more than half of this machine's memory "
-            f"({2 * budget / 2**30:.1f} GiB); ask for at most {fits:,} new tokens per sample "
-            "(or fewer samples).")
+            f"{need / 2**30:.1f} GiB of token buffers, more than half of what this process can "
+            f"still use ({memory_limits.gib(limit.bytes)}, set by {limit.what}); ask for at "
+            f"most {fits:,} new tokens per sample (or fewer samples).")
 
 
 def _round_up(x: int, m: int) -> int:

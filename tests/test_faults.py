@@ -110,14 +110,17 @@ DAMAGE = {
     "train item deleted": lambda d: shutil.rmtree(d / "train"),
     "garbage in meta": lambda d: (d / "meta" / "metadata").write_text("garbage"),
     "garbage in data state": lambda d: (d / "data" / "metadata").write_text("{"),
+    # orbax's own files included: its manager parses _CHECKPOINT_METADATA and metrics on opening
+    "every file truncated": lambda d: [f.write_bytes(b"") for f in d.rglob("*") if f.is_file()],
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_continues_in_one_go(
-        maestro_dataset, finished, tmp_path, damage):
+        maestro_dataset, finished, tmp_path, damage, capfd):
     out = copy_run(finished, tmp_path)
     DAMAGE[damage](out / "checkpoints" / str(MAX_ITERS))
+    capfd.readouterr()
     # read-only tools fall back too when what they read (params, meta) is damaged, without
     # touching the directory
     weights_intact = damage in ("train item deleted", "garbage in data state")
@@ -129,6 +132,26 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_continues_in_one_g
     if damage != "step directory deleted":
         (aside,) = (out / "damaged").iterdir()  # moved aside, never deleted
         assert aside.name.startswith(f"{MAX_ITERS}-") and (aside / "DAMAGED.txt").exists()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ERROR:" not in err, err  # said in one line, no orbax log
+
+
+def test_every_checkpoint_damaged_is_said_and_starting_over_takes_overwrite(
+        maestro_dataset, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    for step in (EVAL, MAX_ITERS):
+        for f in (out / "checkpoints" / str(step) / "params").rglob("*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[:3])
+    before = {name: digest(out / name) for name in ("final.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(trainer.UsageError, match=rf"found 2 damaged checkpoint\(s\) \(step "
+                                                 rf"{MAX_ITERS}, {EVAL}\).*moved them to .*damaged"
+                                                 r".*overwrite=True"):
+        train(maestro_dataset, out)
+    assert {name: digest(out / name) for name in before} == before
+    assert len(list((out / "damaged").iterdir())) == 2
+    train(maestro_dataset, out, overwrite=True)  # starts over, the earlier exports moved aside
+    assert _comparable(out) == _comparable(finished) and list(out.glob("replaced-*"))
 
 
 def test_leftover_temporary_files_are_cleaned(maestro_dataset, finished, tmp_path):

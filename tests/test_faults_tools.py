@@ -3,6 +3,7 @@ the .pt reader): one clear line and a non-zero exit, or the correct behaviour.""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -110,6 +111,76 @@ def test_evaluate_refuses_what_generate_refuses(runs, tmp_path):
         assert message in str(exc.value.code)
     assert not (tmp_path / "eval").exists()
     assert not (runs["next"] / "metrics.jsonl").exists()  # nothing appended to the run
+
+
+def test_generate_on_an_unwritable_or_full_output_says_so_and_leaves_nothing(
+        runs, maestro_dir, tmp_path, monkeypatch):
+    midi = maestro_dir / "Maestro_1.mid"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    msg = _generate(runs["piano"], blocker / "out", midi, "--max-new-tokens", "4")
+    assert "cannot write to --out" in msg and "choose a directory you can write to" in msg
+
+    def full_disk(*args, **kwargs):  # the disk fills up after the MIDI files were written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(generate.pianoroll, "prompt_and_generation", full_disk)
+    out = tmp_path / "new" / "out"
+    msg = _generate(runs["piano"], out, midi, "--max-new-tokens", "4")
+    assert "cannot write the outputs to" in msg and "no space left on the device" in msg
+    assert not (tmp_path / "new").exists()  # not even the folder it had made
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(runs["piano"]), "--out", str(kept), "--prompt-midi",
+                       str(midi), "--max-new-tokens", "4"])
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_evaluate_on_an_unwritable_or_full_output_says_so_and_keeps_the_log_whole(
+        runs, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(runs["piano"]), "--out-dir", str(blocker / "eval")])
+    assert str(exc.value.code).startswith("error: cannot write to --out-dir")
+    log = tmp_path / "eval" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"event": "eval", "step": 1}\n')
+    before = log.read_bytes()
+
+    class FullFile:  # accepts part of the text, then the disk is full
+        def __init__(self, f):
+            self._f = f
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def write(self, text):
+            self._f.write(text[:10])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+
+    def open_full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullFile(f) if str(path) == str(log) else f
+
+    monkeypatch.setattr("builtins.open", open_full)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(runs["piano"]), "--out-dir", str(log.parent),
+                       "--dataset", "builtin", "--n-examples", "1", "--split", "full_val"])
+    monkeypatch.undo()
+    assert "no space left on the device" in str(exc.value.code)
+    assert log.read_bytes() == before  # no torn line
 
 
 MIDI_CASES = {

@@ -13,9 +13,15 @@ from typing import Any
 
 from piano_gpt_jax import generate, sampling
 from piano_gpt_jax.app.errors import AppError
-from piano_gpt_jax.checkpoints import CheckpointError, load_any_checkpoint
+from piano_gpt_jax.checkpoints import (
+    BEST_SUBDIR,
+    CHECKPOINTS_SUBDIR,
+    CheckpointError,
+    holds_checkpoints,
+    load_any_checkpoint,
+)
 
-CHECKPOINT_SUBDIRS = ("checkpoints", "best")
+CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class LoadedModel:
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / sub).is_dir() for sub in CHECKPOINT_SUBDIRS)
+    return holds_checkpoints(path)
 
 
 def list_checkpoints(runs_root: Path) -> list[Path]:

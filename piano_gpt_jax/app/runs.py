@@ -19,10 +19,11 @@ import pandas as pd
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import RunMeta
+from piano_gpt_jax.checkpoints.run_dir import BEST_SUBDIR, CHECKPOINTS_SUBDIR, holds_checkpoints
 from piano_gpt_jax.config import flatten
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_SUBDIRS = ("checkpoints", "best")
+CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
 EXPORT_SUFFIXES = (".pt",)
 
 
@@ -44,7 +45,7 @@ class Run:
 
 
 def is_run(path: Path) -> bool:
-    return (path / METRICS_FILE).is_file() or any((path / s).is_dir() for s in CHECKPOINT_SUBDIRS)
+    return (path / METRICS_FILE).is_file() or holds_checkpoints(path)
 
 
 def find_runs(root: Path) -> list[Path]:

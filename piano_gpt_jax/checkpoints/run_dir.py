@@ -16,6 +16,7 @@ so a kill during a save leaves the previous steps intact.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -126,20 +127,36 @@ def _step_dirs_newest_first(path: Path) -> list[Path]:
     return [root / str(step) for step in reversed(_steps(root))]
 
 
+class _StepReader:
+    """orbax's restore(step, args) over one step directory, without a CheckpointManager."""
+
+    def __init__(self, step_dir: Path):
+        self._dir = step_dir.resolve()
+        self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+    def restore(self, step: int, args: Any) -> Any:
+        return self._checkpointer.restore(self._dir, args=args)
+
+    def close(self) -> None:
+        self._checkpointer.close()
+
+
 def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
                ) -> CheckpointRecord:
-    root, step = step_dir.parent, int(step_dir.name)
-    manager = ocp.CheckpointManager(root.resolve())
+    step = int(step_dir.name)
+    # One step directory read on its own: a manager over the whole directory would parse every
+    # step's metadata first and fail on another step's damage.
+    reader = _StepReader(step_dir)
     try:
         try:
-            meta = manager.restore(step, args=ocp.args.Composite(
+            meta = reader.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 — orbax/json raise many types
             raise DamagedCheckpoint(f"{step_dir}: its meta cannot be read "
                                     f"({_first_line(e)})") from None
         model_config = _model_config(meta, step_dir)
         try:
-            params = manager.restore(step, args=ocp.args.Composite(
+            params = reader.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params(model_config)))).params
         except (ValueError, KeyError) as e:
             if "shape" in str(e).lower() or "structure" in str(e).lower():
@@ -154,7 +171,7 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
         record.meta.step = step
         training_items = (step_dir / "data").is_dir() or (step_dir / "metrics").is_dir()
         if with_optimizer and (step_dir / "train").is_dir():
-            record.optimizer = _restore_adam(manager, step, record, step_dir)
+            record.optimizer = _restore_adam(reader, step, record, step_dir)
         elif with_optimizer and training_items:
             raise DamagedCheckpoint(f"{step_dir}: a training checkpoint without its train/ item "
                                     "(optimizer state)")
@@ -162,11 +179,11 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
             raise CheckpointError(f"{step_dir} holds weights only (no optimizer state); export "
                                   "a training checkpoint (RUN_DIR/checkpoints/<step>) instead.")
     finally:
-        manager.close()
+        reader.close()
     return record
 
 
-def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
+def _restore_adam(reader, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
     try:
         optim = build_train_config(record.meta.config).optim
     except ConfigError as e:
@@ -177,7 +194,7 @@ def _restore_adam(manager, step: int, record: CheckpointRecord, step_dir: Path) 
         init_params(record.model_config, jax.random.key(0)), tx, 0, Precision()))
     target = jax.tree_util.tree_map(_abstract, {k: v for k, v in like.items() if k != "params"})
     try:
-        train = manager.restore(step, args=ocp.args.Composite(
+        train = reader.restore(step, args=ocp.args.Composite(
             train=ocp.args.StandardRestore(target))).train
     except Exception as e:  # noqa: BLE001
         if isinstance(e, (ValueError, KeyError)) and ("shape" in str(e).lower()
@@ -267,10 +284,37 @@ def _abstract(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------------- training checkpoints
-def has_steps(run_dir: str | Path) -> bool:
-    """Whether RUN_DIR/checkpoints holds any step directory (restorable or not)."""
-    directory = Path(run_dir) / CHECKPOINTS_SUBDIR
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+def has_steps(run_dir: str | Path, subdirs: tuple[str, ...] = (CHECKPOINTS_SUBDIR,)) -> bool:
+    """Whether RUN_DIR/checkpoints (or another of `subdirs`) holds any step directory
+    (restorable or not). An empty checkpoints/ (a start killed before its first save, or an
+    older version's) is no checkpoint."""
+    for sub in subdirs:
+        directory = Path(run_dir) / sub
+        if directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()):
+            return True
+    return False
+
+
+def holds_checkpoints(run_dir: str | Path) -> bool:
+    """Whether a tool can load a model from RUN_DIR (checkpoints/ or an older run's best/)."""
+    return has_steps(run_dir, (CHECKPOINTS_SUBDIR, BEST_SUBDIR))
+
+
+def _steps_orbax_cannot_list(directory: Path) -> list[tuple[Path, Exception]]:
+    """Step directories whose JSON files read when orbax opens a directory do not parse."""
+    found = []
+    for step_dir in sorted(directory.glob("*")) if directory.is_dir() else []:
+        if not step_dir.name.isdigit():
+            continue
+        for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
+            path = step_dir / name
+            try:
+                if path.exists():
+                    json.loads(path.read_bytes())
+            except (OSError, ValueError) as e:
+                found.append((step_dir, ValueError(f"{name}: {e}")))
+                break
+    return found
 
 
 class TrainCheckpointer:
@@ -278,18 +322,31 @@ class TrainCheckpointer:
 
     def __init__(self, run_dir: str | Path, keep_last: int, async_save: bool = True):
         self.run_dir = Path(run_dir).resolve()
+        # Steps moved to RUN_DIR/damaged/ by this checkpointer, with their notes. orbax's manager
+        # parses every step's _CHECKPOINT_METADATA and metrics file when it opens, so a step
+        # damaged there is set aside before the manager exists (else: a JSONDecodeError).
+        self.set_aside_steps: list[int] = []
+        self.set_aside_notes: list[str] = []
+        for step_dir, error in _steps_orbax_cannot_list(self.run_dir / CHECKPOINTS_SUBDIR):
+            self.set_aside_notes.append(self._move_aside(int(step_dir.name), error))
         keep = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep_last),
             # BestN keeps the largest metric values: rank by -loss to keep the lowest loss.
             policies.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
                            keep_checkpoints_without_metrics=False),
         ])
-        self._manager = ocp.CheckpointManager(
-            self.run_dir / CHECKPOINTS_SUBDIR,
-            options=ocp.CheckpointManagerOptions(
-                create=True, enable_async_checkpointing=async_save, preservation_policy=keep,
-                best_fn=lambda m: m["val_loss"], best_mode="min",
-                cleanup_tmp_directories=True))  # half-written steps of a killed run
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.run_dir / CHECKPOINTS_SUBDIR,
+                options=ocp.CheckpointManagerOptions(
+                    create=False, enable_async_checkpointing=async_save,
+                    preservation_policy=keep, best_fn=lambda m: m["val_loss"], best_mode="min",
+                    cleanup_tmp_directories=True))  # half-written steps of a killed run
+        except Exception as e:  # noqa: BLE001 — orbax raises many types
+            raise CheckpointError(
+                f"{self.run_dir / CHECKPOINTS_SUBDIR} cannot be opened as a checkpoint directory "
+                f"({_first_line(e)}); move it aside to start over, or choose another "
+                "--config.out_dir.") from None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -328,6 +385,7 @@ class TrainCheckpointer:
         tried. One that is intact but does not fit the target (another optimizer or precision
         setup) raises CheckpointError instead: that is the config's doing, not damage.
         """
+        notes.extend(self.set_aside_notes)
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 meta = self.restore_meta(step)
@@ -362,12 +420,17 @@ class TrainCheckpointer:
 
     def set_aside(self, step: int, error: BaseException) -> str:
         """Move damaged checkpoint `step` to RUN_DIR/damaged/<step>-<time>/; returns a note."""
+        note = self._move_aside(step, error)
+        self._manager.reload()
+        return note
+
+    def _move_aside(self, step: int, error: BaseException) -> str:
         source = self.run_dir / CHECKPOINTS_SUBDIR / str(step)
         target = self.run_dir / "damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         (target / "DAMAGED.txt").write_text(f"{type(error).__name__}: {error}\n")
-        self._manager.reload()
+        self.set_aside_steps.append(step)
         return (f"checkpoint {step} is damaged ({_first_line(error)}); moved it to {target} "
                 "and fell back to the one before it")
 

@@ -161,3 +161,16 @@ def test_keeps_last_n_and_the_best_and_never_a_nan_best(tmp_path):
     assert _same(with_adam.optimizer.mu, adam.mu) and _same(with_adam.optimizer.nu, adam.nu)
     adamw = with_adam.optimizer
     assert (adamw.b1, adamw.b2) == (OPT.optimizer.beta1, OPT.optimizer.beta2)
+
+
+def test_opening_a_run_writes_nothing_until_the_first_save(tmp_path):
+    # A start killed before its first save left an empty checkpoints/ that tools took for "a run
+    # without checkpoints"; the directory now appears with the first step, and an empty one
+    # (an older version's) is no checkpoint.
+    from piano_gpt_jax.checkpoints import holds_checkpoints
+
+    ckpt = TrainCheckpointer(tmp_path / "run", keep_last=2)
+    assert ckpt.latest_step() is None and not (tmp_path / "run" / "checkpoints").exists()
+    ckpt.close()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert not holds_checkpoints(tmp_path / "run")

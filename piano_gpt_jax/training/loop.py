@@ -203,10 +203,13 @@ def _open_run(cfg: TrainConfig) -> _Run:
     try:
         start = start_lib.resolve_start(cfg, ckpt, mesh, tx, precision, notes)
         if start.resumed is None and not guarded:  # every checkpoint was damaged
+            start_lib.refuse_lost_run(out_dir, ckpt.set_aside_steps, cfg.overwrite)
             notes += start_lib.guard_new_run(out_dir, cfg, main_process)
-        settings, tokenizer, pipeline = start_lib.build_data(cfg, start.tokenizer_desc)
+        settings, tokenizer = start_lib.build_tokenizer_for(cfg, start.tokenizer_desc)
         model_config = start_lib.model_config_for(cfg, tokenizer.vocab_size, start.arch)
         start_lib.check_compatible(model_config, tokenizer, cfg, start.source)
+        start_lib.check_memory(cfg, model_config, mesh)  # before any data is read or compiled
+        pipeline = start_lib.build_pipeline(settings, tokenizer)
         state, progress, data_state = start_lib.initial_state(cfg, start, model_config, tx,
                                                               precision, mesh)
         iterator = pipeline.train_iterator()

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from piano_gpt_jax import memory_limits
 from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax.checkpoints import (
     CheckpointError,
@@ -32,6 +33,7 @@ from piano_gpt_jax.optim import ADAM_EPS, lr_at, with_adam_state
 from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.sharding import check_batch_divisible, make_mesh, place, tree_shardings
 from piano_gpt_jax.train_step import init_train_state, shard_batch
+from piano_gpt_jax.training import memory_plan
 from piano_gpt_jax.training.errors import UsageError
 
 
@@ -77,14 +79,35 @@ def check_compatible(model_config: ModelConfig, tokenizer, cfg: TrainConfig,
 def build_data(cfg: TrainConfig, tokenizer_desc: dict | None) -> tuple[DataSettings, Any, Any]:
     """(settings, tokenizer, pipeline); a checkpoint's tokenizer description wins over the
     config's, so a resumed or fine-tuned model keeps its vocabulary."""
+    settings, tokenizer = build_tokenizer_for(cfg, tokenizer_desc)
+    return settings, tokenizer, build_pipeline(settings, tokenizer)
+
+
+def build_tokenizer_for(cfg: TrainConfig, tokenizer_desc: dict | None) -> tuple[DataSettings, Any]:
+    """(settings, tokenizer): all the memory check needs, before any data is read."""
     try:
         settings = DataSettings.from_config(cfg, shard_index=jax.process_index(),
                                             shard_count=jax.process_count())
-        tokenizer = build_tokenizer(settings, tokenizer_desc)
-        pipeline = make_pipeline(settings, tokenizer)
+        return settings, build_tokenizer(settings, tokenizer_desc)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UsageError(f"cannot build the data pipeline: {e}") from None
-    return settings, tokenizer, pipeline
+
+
+def build_pipeline(settings: DataSettings, tokenizer) -> Any:
+    try:
+        return make_pipeline(settings, tokenizer)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UsageError(f"cannot build the data pipeline: {e}") from None
+
+
+def check_memory(cfg: TrainConfig, model_config: ModelConfig, mesh) -> None:
+    """Refuse (UsageError) a step that cannot fit one device's memory, before it is built."""
+    shape = memory_plan.shape_of(model_config, cfg.data.batch_size, cfg.data.context_size,
+                                 dict(mesh.shape))
+    budget = memory_limits.device_budget(mesh.devices.flat[0])
+    refusal = memory_plan.refusal(shape, budget) if budget is not None else None
+    if refusal:
+        raise UsageError(refusal)
 
 
 def run_mesh(cfg: TrainConfig):
@@ -131,6 +154,19 @@ def guard_new_run(out_dir: Path, cfg: TrainConfig, main_process: bool) -> list[s
         return out_dir_lib.guard_new_run(out_dir, cfg.overwrite)
     except out_dir_lib.OutDirError as e:
         raise UsageError(str(e)) from None
+
+
+def refuse_lost_run(out_dir: Path, damaged_steps: list[int], overwrite: bool) -> None:
+    """Every checkpoint of out_dir was damaged (and moved aside): starting over silently would
+    begin a new run where the user expects a resume, so it takes overwrite=True."""
+    if not damaged_steps or overwrite:
+        return
+    steps = ", ".join(str(s) for s in sorted(damaged_steps, reverse=True))
+    raise UsageError(
+        f"{out_dir}: found {len(damaged_steps)} damaged checkpoint(s) (step {steps}) and none "
+        f"that restores; moved them to {out_dir / 'damaged'}/ (nothing deleted). Pass "
+        "--config.overwrite=True to start this run over from step 0, or choose another "
+        "--config.out_dir.")
 
 
 @dataclasses.dataclass
