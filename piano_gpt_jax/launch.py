@@ -8,8 +8,12 @@ JAX_PROCESS_ID=i — the variables the trainer reads (training/processes.py,
 maybe_init_distributed) — and the arguments after `--`. Output lines come through prefixed
 with `[pI]`. As soon as one process dies (non-zero exit), the others are stopped (SIGTERM, then
 SIGKILL after --grace seconds: a survivor blocked in a collective with the dead one cannot finish
-on its own), and the launcher exits non-zero with one line naming the process. Ctrl-C is passed
-to every process. Run the same command again to resume from the last complete checkpoint.
+on its own), their output from then on is dropped (a survivor's traceback about the lost peer
+says nothing the launcher's line does not), and the launcher exits non-zero with one line naming
+the process. Ctrl-C is passed to every process; each saves and stops, and the launcher says so
+and exits 130 (the trainer's own code for an interrupted run), not as an error. A --port already
+in use is refused before anything starts (the workers died with SIGSEGV on it). Run the same
+command again to resume from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+INTERRUPTED = 130  # the trainer's exit code after Ctrl-C (it saved and stopped)
 
 
 def free_port() -> int:
@@ -40,16 +46,35 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
-def _forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock, mute) -> None:
     for line in iter(proc.stdout.readline, ""):
+        if mute():
+            continue  # keep reading: a full pipe would block the process
         with lock:
             sys.stdout.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
             sys.stdout.flush()
 
 
+class LaunchError(Exception):
+    """The job cannot start as asked; the message says why and what to do."""
+
+
 def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
            port: int | None = None, grace: float = 10.0, env: dict | None = None) -> int:
     """Start `n` processes of `python -m module args`, wait for all; returns the exit status."""
+    if port is not None and port_in_use(port):
+        raise LaunchError(f"the coordinator port {port} on 127.0.0.1 is already in use (another "
+                          "job, or one still shutting down); pass another --port, or leave it "
+                          "out to use a free one.")
     address = f"127.0.0.1:{port or free_port()}"
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
@@ -60,23 +85,28 @@ def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=child_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, bufsize=1))
-    readers = [threading.Thread(target=_forward, args=(p, f"[p{i}] ", lock), daemon=True)
-               for i, p in enumerate(procs)]
+    failed: tuple[int, int] | None = None
+    interrupted = False
+    readers = [threading.Thread(target=_forward, daemon=True, args=(
+        p, f"[p{i}] ", lock, lambda i=i: failed is not None and failed[0] != i))
+        for i, p in enumerate(procs)]
     for t in readers:
         t.start()
 
     def pass_on(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = signal.signal(signal.SIGINT, pass_on)
-    failed: tuple[int, int] | None = None
     try:
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
                 code = p.poll()
-                if code not in (None, 0) and failed is None:
+                stopped = interrupted and code == INTERRUPTED
+                if code not in (None, 0) and not stopped and failed is None:
                     failed = (i, code)
             if failed is not None:
                 _stop(procs, grace)
@@ -86,8 +116,12 @@ def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
         signal.signal(signal.SIGINT, previous)
         for t in readers:
             t.join(timeout=5)
+    codes = [p.returncode for p in procs]
+    if failed is None and interrupted and all(c in (0, INTERRUPTED) for c in codes):
+        print(f"interrupted: the {n} process(es) stopped after saving (exit codes "
+              f"{', '.join(map(str, codes))}). Run the same command to resume.", file=sys.stderr)
+        return INTERRUPTED
     if failed is None:
-        codes = [p.returncode for p in procs]
         bad = next(((i, c) for i, c in enumerate(codes) if c != 0), None)
         if bad is None:
             return 0
@@ -134,7 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(ours)
     if args.num_processes < 1:
         parser.error("-n must be at least 1")
-    return launch(args.num_processes, theirs, args.module, args.port, args.grace)
+    try:
+        return launch(args.num_processes, theirs, args.module, args.port, args.grace)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
