@@ -34,6 +34,7 @@ class Mutation:
 
 
 MUTATIONS = (
+    # core modules: optimizer, sampling, metrics, model/attention, records
     Mutation("drop the gradient clip", "piano_gpt_jax/optim.py",
              "        parts.append(optax.clip_by_global_norm(o.grad_clip))\n",
              "        pass  # MUTATION: no gradient clipping\n",
@@ -67,6 +68,68 @@ MUTATIONS = (
              "LAYER_NORM_EPS = 1e-5",
              "LAYER_NORM_EPS = 1e-6",  # flax's own default
              ("tests/test_upstream_oracle.py", "converters/torch_model_test.py")),
+    # optimizer, schedule, accumulation, precision
+    Mutation("Adam eps 1e-6", "piano_gpt_jax/optim.py",
+             "ADAM_EPS = 1e-8", "ADAM_EPS = 1e-6",
+             ("piano_gpt_jax/training/saving_test.py",)),
+    Mutation("weight decay on vectors too", "piano_gpt_jax/optim.py",
+             "    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)\n",
+             "    return jax.tree_util.tree_map(lambda p: p.ndim >= 1, params)  # MUTATION\n",
+             ("piano_gpt_jax/optim_test.py",)),
+    Mutation("warmup from 0 (0-based iteration)", "piano_gpt_jax/optim.py",
+             "        it = jnp.asarray(count, jnp.float32) + 1.0\n",
+             "        it = jnp.asarray(count, jnp.float32)  # MUTATION\n",
+             ("piano_gpt_jax/optim_test.py",)),
+    Mutation("no gradient accumulation", "piano_gpt_jax/optim.py",
+             "every_k_schedule=o.gradient_accumulation_steps)",
+             "every_k_schedule=1)  # MUTATION",
+             ("piano_gpt_jax/optim_test.py",)),
+    Mutation("float16 gradients left scaled", "piano_gpt_jax/train_step.py",
+             "lambda g: g.astype(jnp.float32) / scale, grads)\n",
+             "lambda g: g.astype(jnp.float32), grads)  # MUTATION: not unscaled\n",
+             ("piano_gpt_jax/train_step_test.py",)),
+    # export mapping, resume
+    Mutation("exp_avg_sq exported as exp_avg", "piano_gpt_jax/training/saving.py",
+             "    optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),",
+             "    optimizer = AdamState(count=int(adam.count), mu=f32(adam.nu), nu=f32(adam.mu),",
+             ("piano_gpt_jax/training/saving_test.py",)),
+    Mutation("resume ignores the data iterator's state", "piano_gpt_jax/training/start.py",
+             "        iterator.set_state(data_state)\n",
+             "        pass  # MUTATION: batches start over on resume\n",
+             ("piano_gpt_jax/training/saving_test.py",)),
+    # tokenizer, records and masks, tasks
+    Mutation("note ends not quantized", "piano_gpt_jax/music/tokenizer.py",
+             "        end_q = np.round(end / tu) * tu\n",
+             "        end_q = end  # MUTATION\n",
+             ("piano_gpt_jax/music/tokenizer_test.py",)),
+    Mutation("padding counted in the loss", "piano_gpt_jax/data/records.py",
+             "    mask = (targets != pad_id).astype(np.int32)\n",
+             "    mask = np.ones_like(targets, np.int32)  # MUTATION\n",
+             ("piano_gpt_jax/data/records_test.py",)),
+    Mutation("chord tolerance 15.5 ms", "piano_gpt_jax/music/tasks.py",
+             "CHORD_TOLERANCE_S = 0.015", "CHORD_TOLERANCE_S = 0.0155",
+             ("piano_gpt_jax/music/tasks_test.py",)),
+    Mutation("line window exclusive at its end", "piano_gpt_jax/music/tasks.py",
+             "    ringing_WxN = (start[None, :] <= t[:, None] + LINE_WINDOW_S)",
+             "    ringing_WxN = (start[None, :] < t[:, None] + LINE_WINDOW_S)",
+             ("piano_gpt_jax/music/tasks_test.py",)),
+    # sampling, KV cache, metrics
+    Mutation("top-k keeps one token more", "piano_gpt_jax/sampling.py",
+             "    k = jnp.clip(top_k, 1, V)\n",
+             "    k = jnp.clip(top_k + 1, 1, V)  # MUTATION\n",
+             ("piano_gpt_jax/sampling_test.py",)),
+    Mutation("KV cache written one position late", "piano_gpt_jax/model.py",
+             "k_BxTxHxD.astype(k_cache_BxSxHxD.dtype), (0, start, 0, 0))",
+             "k_BxTxHxD.astype(k_cache_BxSxHxD.dtype), (0, start + 1, 0, 0))",
+             ("piano_gpt_jax/model_test.py", "piano_gpt_jax/sampling_test.py")),
+    Mutation("F1 unweighted by segment duration", "piano_gpt_jax/piano_metrics.py",
+             "    w = np.asarray(seg[\"durations\"], np.float64)\n",
+             "    w = np.ones(len(seg[\"durations\"]))  # MUTATION\n",
+             ("piano_gpt_jax/piano_metrics_test.py",)),
+    # the memory plan
+    Mutation("memory plan forgets the optimizer state", "piano_gpt_jax/training/memory_plan.py",
+             "    state = p * (4 + 8 + 4 + 4)", "    state = p * 4",
+             ("piano_gpt_jax/training/memory_plan_test.py",)),
 )
 
 

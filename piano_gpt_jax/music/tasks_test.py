@@ -126,3 +126,13 @@ def test_chord_tolerance_at_its_boundary(gap, in_chord):
     (and is masked), one starting 15.1 ms after does not."""
     part = ChordMasking(2).split(notes([(60, 0.0, 1.0), (64, gap, 1.0), (67, 2.0, 3.0)]))
     assert rows_of(part.target) == ([1] if in_chord else [])
+
+
+@pytest.mark.parametrize("onset, in_first_window", [(0.199, True), (0.2, True), (0.201, False)])
+def test_line_window_at_its_boundary(onset, in_first_window):
+    """LINE_WINDOW_S = 0.2 s: the first window (from the first onset) sees notes starting up to
+    0.2 s later, inclusive. A high note starting inside it takes the top line from the short
+    note before it; one starting just after leaves that note on the top line."""
+    part = TopLineMasking(1).split(notes([(60, 0.0, 0.1), (80, onset, onset + 0.05),
+                                          (50, 0.6, 0.7)]))
+    assert rows_of(part.target) == ([1, 2] if in_first_window else [0, 1, 2])

@@ -212,9 +212,7 @@ def _open_run(cfg: TrainConfig) -> _Run:
         pipeline = start_lib.build_pipeline(settings, tokenizer)
         state, progress, data_state = start_lib.initial_state(cfg, start, model_config, tx,
                                                               precision, mesh)
-        iterator = pipeline.train_iterator()
-        if data_state is not None:
-            iterator.set_state(data_state)
+        iterator = start_lib.train_iterator(pipeline, data_state)
         train_fn, eval_fn = compile_steps(make_train_step(model_config, tx, precision),
                                           make_eval_step(model_config), mesh,
                                           use_jit=cfg.system.compile, state_like=state)

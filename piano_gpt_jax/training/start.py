@@ -126,6 +126,16 @@ def eval_batches(cfg: TrainConfig, pipeline, mesh) -> dict[str, list]:
             for s in pipeline.eval_split_names}
 
 
+def train_iterator(pipeline, data_state: Any = None) -> Any:
+    """The training batches from the start, or (a checkpoint's `data_state`) from the batch
+    after the last one the checkpointed run consumed: a resume sees the very batches an
+    uninterrupted run would."""
+    iterator = pipeline.train_iterator()
+    if data_state is not None:
+        iterator.set_state(data_state)
+    return iterator
+
+
 def schedule_notes(cfg: TrainConfig) -> list[str]:
     """A warning when the learning rate never reaches lr.learning_rate: warmup longer than the
     run (it trained without a word before)."""
