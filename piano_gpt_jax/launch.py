@@ -55,12 +55,20 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock, mute) -> None:
+def _forward(proc: subprocess.Popen, prefix: str, lock: threading.Lock, mute,
+             held: list[str]) -> None:
+    """Print a process's lines with `prefix`; from a traceback on, hold them in `held` (the
+    launcher decides at the end: a survivor's traceback about its dead peer can be printed
+    within milliseconds of the death, before the launcher has noticed it)."""
     for line in iter(proc.stdout.readline, ""):
+        line = f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n"
         if mute():
             continue  # keep reading: a full pipe would block the process
+        if held or line.startswith(f"{prefix}Traceback (most recent call last)"):
+            held.append(line)
+            continue
         with lock:
-            sys.stdout.write(f"{prefix}{line}" if line.endswith("\n") else f"{prefix}{line}\n")
+            sys.stdout.write(line)
             sys.stdout.flush()
 
 
@@ -87,8 +95,9 @@ def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
                                       text=True, bufsize=1))
     failed: tuple[int, int] | None = None
     interrupted = False
+    held: list[list[str]] = [[] for _ in procs]
     readers = [threading.Thread(target=_forward, daemon=True, args=(
-        p, f"[p{i}] ", lock, lambda i=i: failed is not None and failed[0] != i))
+        p, f"[p{i}] ", lock, lambda i=i: failed is not None and failed[0] != i, held[i]))
         for i, p in enumerate(procs)]
     for t in readers:
         t.start()
@@ -103,11 +112,11 @@ def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
     previous = signal.signal(signal.SIGINT, pass_on)
     try:
         while any(p.poll() is None for p in procs):
-            for i, p in enumerate(procs):
-                code = p.poll()
-                stopped = interrupted and code == INTERRUPTED
-                if code not in (None, 0) and not stopped and failed is None:
-                    failed = (i, code)
+            ended = [(i, p.poll()) for i, p in enumerate(procs)]
+            ended = [(i, c) for i, c in ended if c not in (None, 0)
+                     and not (interrupted and c == INTERRUPTED)]
+            if ended:  # a process killed by a signal is the cause, a peer's error its echo
+                failed = min(ended, key=lambda e: (e[1] >= 0, e[0]))
             if failed is not None:
                 _stop(procs, grace)
                 break
@@ -117,15 +126,19 @@ def launch(n: int, args: Sequence[str], module: str = "piano_gpt_jax.train",
         for t in readers:
             t.join(timeout=5)
     codes = [p.returncode for p in procs]
+    if failed is None:
+        failed = next(((i, c) for i, c in enumerate(codes) if c not in (0, None)
+                       and not (interrupted and c == INTERRUPTED)), None)
+    for i, lines in enumerate(held):  # tracebacks: only the failing process's own
+        if lines and (failed is None or failed[0] == i):
+            sys.stdout.writelines(lines)
+    sys.stdout.flush()
     if failed is None and interrupted and all(c in (0, INTERRUPTED) for c in codes):
         print(f"interrupted: the {n} process(es) stopped after saving (exit codes "
               f"{', '.join(map(str, codes))}). Run the same command to resume.", file=sys.stderr)
         return INTERRUPTED
     if failed is None:
-        bad = next(((i, c) for i, c in enumerate(codes) if c != 0), None)
-        if bad is None:
-            return 0
-        failed = bad
+        return 0
     i, code = failed
     others = ", ".join(f"p{j} {_describe(p.returncode)}" for j, p in enumerate(procs) if j != i)
     print(f"error: process {i} of {n} (pid {procs[i].pid}) ended with {_describe(code)}; "

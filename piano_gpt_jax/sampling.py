@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ from piano_gpt_jax.music.time_steps import TimeTables, clock_after, time_steps, 
 
 _PREFILL_BUCKET = 16
 _LENGTH_BUCKET = 64
+PROGRESS_TOKENS = 32  # decoded positions between two progress reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +211,8 @@ class _Decoder:
         (A refill branch inside this loop, or an outer loop around it, made XLA CPU several
         times slower per token, so windows are chained from Python instead.)
         """
-        room = lambda s: self.unfinished(s) & (s["n"] - s["offset"] < self.cfg.context_size)
+        room = lambda s: (self.unfinished(s) & (s["n"] - s["offset"] < self.cfg.context_size)
+                          & (s["n"] < self.c["pause_at"]))
         return jax.lax.while_loop(room, self.append, s)
 
 
@@ -239,8 +241,15 @@ def _resume(cfg: ModelConfig, keep: int, params, state, consts):
     return d.decode_window(s)  # no iterations when already finished
 
 
+def _continue(cfg: ModelConfig, unused: int, params, state, consts):
+    """Decoding paused at `pause_at` (to report progress): go on in the same window."""
+    B, L = state["tokens"].shape
+    return _Decoder(cfg, params, consts, B, L).decode_window(state)
+
+
 _start_jit = jax.jit(_start, static_argnums=(0, 1))
 _resume_jit = jax.jit(_resume, static_argnums=(0, 1))
+_continue_jit = jax.jit(_continue, static_argnums=(0, 1))
 _COMPILED: dict = {}
 
 
@@ -288,12 +297,16 @@ def _round_up(x: int, m: int) -> int:
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
              settings: SamplingSettings = SamplingSettings(),
-             tables: TokenTables | None = None) -> GenerationResult:
+             tables: TokenTables | None = None,
+             progress: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Continue each prompt (a 1-D array of token ids) with up to max_new_tokens sampled tokens.
 
     `tables` (from `token_tables(tokenizer)`) gives the stop token and the time steps;
     it is required for models with the music-time embedding. Prompts longer than the context
     keep their last context_size tokens (time steps still counted from their start).
+    `progress(new_tokens_so_far, max_new_tokens)` is called every PROGRESS_TOKENS decoded
+    positions (the web app's progress bar; an exception it raises stops the generation). The
+    tokens are the same with or without it: every position draws from fold_in(key, position).
     """
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt")
@@ -332,7 +345,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     prefill = pmin - pmin % _PREFILL_BUCKET if pmin >= _PREFILL_BUCKET else pmin
 
     stop_id = tables.stop_id if settings.stop_at_eos else -1
-    consts = dict(prompt_len=jnp.asarray(lens), key=jax.random.PRNGKey(settings.seed),
+    pause_at = lambda n: jnp.int32(L if progress is None else min(L, n + PROGRESS_TOKENS))
+    consts = dict(pause_at=pause_at(prefill), prompt_len=jnp.asarray(lens),
+                  key=jax.random.PRNGKey(settings.seed),
                   temperature=jnp.float32(settings.temperature), top_k=jnp.int32(settings.top_k),
                   top_p=jnp.float32(settings.top_p), min_p=jnp.float32(settings.min_p),
                   max_new=jnp.int32(settings.max_new_tokens), stop_id=jnp.int32(stop_id),
@@ -343,13 +358,22 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     start, compile_s = _compiled(_start_jit, cfg, prefill, start_args)
     t0 = time.perf_counter()
     state = start(*start_args)
-    resume = None
-    while int(state["n"]) < L and not bool(jnp.all(state["done"])):
-        if resume is None:
-            resume, c_s = _compiled(_resume_jit, cfg, keep, (params, state, consts))
+    programs: dict = {}
+
+    def step(jitted, static: int):
+        nonlocal compile_s, t0
+        if jitted not in programs:
+            programs[jitted], c_s = _compiled(jitted, cfg, static, (params, state, consts))
             compile_s += c_s
             t0 += c_s
-        state = resume(params, state, consts)
+        return programs[jitted](params, state, consts)
+
+    while int(state["n"]) < L and not bool(jnp.all(state["done"])):
+        if progress is not None:
+            progress(int(np.asarray(state["n_new"]).max()), settings.max_new_tokens)
+        window_full = int(state["n"]) - int(state["offset"]) >= ctx
+        consts = dict(consts, pause_at=pause_at(int(state["n"]) + int(window_full)))
+        state = step(_resume_jit, keep) if window_full else step(_continue_jit, 0)
     out_tokens = np.asarray(state["tokens"])
     n_new = np.asarray(state["n_new"])
     seconds = time.perf_counter() - t0

@@ -191,3 +191,20 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     hot = np.asarray(sampling.sample_logits(jax.random.PRNGKey(1), logits, 2.0, 0, 1.0, 0.0))
     # temperature 2 flattens: p ~ sqrt(p); frequency of id 3 = .316 / 1.87 ~ .17
     assert abs((hot == 3).mean() - np.sqrt(0.1) / np.sqrt(probs).sum()) < 0.03
+
+
+def test_progress_reports_do_not_change_the_tokens(tokenizer, prompts, monkeypatch):
+    """The app's progress bar decodes in chunks of PROGRESS_TOKENS positions; sampled (not
+    greedy) tokens past the context stay exactly those of one uninterrupted call."""
+    cfg, params = _model(tokenizer, time_embedding=True, seed=5)
+    monkeypatch.setattr(sampling, "PROGRESS_TOKENS", 7)
+    settings = sampling.SamplingSettings(temperature=1.0, max_new_tokens=50, seed=11,
+                                         stop_at_eos=False)
+    tables = sampling.token_tables(tokenizer)
+    whole = sampling.generate(cfg, params, prompts, settings, tables)
+    seen: list[int] = []
+    chunked = sampling.generate(cfg, params, prompts, settings, tables,
+                                progress=lambda done, total: seen.append(done))
+    for a, b in zip(whole.new_tokens, chunked.new_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(seen) >= 5 and seen == sorted(seen) and seen[-1] <= 50  # max over the rows

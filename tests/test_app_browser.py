@@ -1,6 +1,7 @@
 """The web app in a real browser: `python -m piano_gpt_jax.app` on a free localhost port, driven
 by headless Chromium through Generate (choose the tiny checkpoint, upload a MIDI prompt, generate:
-a piano roll and an audio player appear) and Runs (a loss plot appears).
+piano rolls and audio players appear), a composer x seed grid, one blind A/B judgement (written
+to the judgements file, tallied on the page) and Runs (a loss plot appears).
 
 Needs Debian's `chromium` and `chromium-driver` (CI installs them); skipped, with the reason
 printed, only where they are absent. Screenshots go to the test's tmp dir, and also to
@@ -75,6 +76,36 @@ def server(tmp_path, tmp_path_factory):
             proc.kill()
 
 
+def _click(wait, xpath: str) -> None:
+    """Click the element at `xpath` once it is there, again if a rerun replaced it meanwhile."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        StaleElementReferenceException,
+    )
+    from selenium.webdriver.common.by import By
+
+    def attempt(browser) -> bool:
+        try:
+            found = browser.find_elements(By.XPATH, xpath)
+            if not found or not found[0].is_enabled():
+                return False
+            found[0].click()
+            return True
+        except (StaleElementReferenceException, ElementClickInterceptedException):
+            return False
+
+    wait.until(attempt)
+
+
+def _choose_mode(browser, wait, mode: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait.until(ec.element_to_be_clickable(
+        (By.XPATH, f"//label[.//p[text()='{mode}']]"))).click()
+    time.sleep(1.0)  # the rerun of the mode switch
+
+
 def _shrink(src: Path, dst: Path, width: int = 1000) -> None:
     """A small copy for the README: the empty bottom cut off, narrower, 128 colours."""
     import numpy as np
@@ -126,7 +157,10 @@ def test_generate_and_runs_in_chromium(server, maestro_dir, tmp_path):
         upload = wait.until(ec.presence_of_element_located(
             (By.CSS_SELECTOR, "[data-testid='stFileUploader'] input[type='file']")))
         upload.send_keys(str(midi))
-        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Prompt: 64 notes"))
+        # the default slice is the run's notes_per_record (24); the page says what the model sees
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Prompt: 24 notes"))
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"),
+                                                    "The model sees prompt "))
 
         # two samples side by side, then Generate
         samples = browser.find_element(By.CSS_SELECTOR, "input[aria-label='Samples']")
@@ -143,7 +177,7 @@ def test_generate_and_runs_in_chromium(server, maestro_dir, tmp_path):
             i for i in b.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")
             if b.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
                                 i)])
-        assert len(images) == 2
+        assert len(images) == 4  # per sample: the whole roll and the one zoomed on new notes
         assert browser.execute_script("return arguments[0].naturalWidth", images[0]) >= 1000
         body = browser.find_element(By.TAG_NAME, "body").text
         assert "tokens/s" in body and "Sample 1" in body and "Traceback" not in body
@@ -154,6 +188,45 @@ def test_generate_and_runs_in_chromium(server, maestro_dir, tmp_path):
         time.sleep(0.3)
         shots["generate"] = tmp_path / "app-generate.png"
         browser.save_screenshot(str(shots["generate"]))
+
+        # a grid: the prompt's composer token x seeds 0, 1, 2
+        _choose_mode(browser, wait, "Grid")
+        time.sleep(0.5)
+        _click(wait, "//button[.//p[starts-with(text(), 'Generate the grid')]]")
+        wait.until(lambda b: "Grid" in [h.text for h in b.find_elements(By.TAG_NAME, "h3")]
+                   and len(b.find_elements(By.CSS_SELECTOR, "audio")) >= 3)
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "seed 0" in body and "seed 2" in body and "Traceback" not in body
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                               browser.find_element(By.XPATH, "//h3[contains(., 'Grid')]"))
+        time.sleep(0.5)
+        shots["grid"] = tmp_path / "app-grid.png"
+        browser.save_screenshot(str(shots["grid"]))
+
+        # one blind A/B judgement between the two checkpoints
+        _choose_mode(browser, wait, "Blind A/B")
+        for name in ("/tiny", "/tiny-b"):
+            _click(wait, "//*[@data-testid='stMultiSelect']//input")
+            _click(wait, f"//*[@role='option'][substring(., string-length(.) - "
+                         f"{len(name) - 1}) = '{name}']")
+            time.sleep(1.0)
+        upload = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid='stFileUploader'] input[type='file']")))
+        upload.send_keys(str(midi))
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "tiny-b: The model "
+                                                                           "sees prompt"))
+        time.sleep(0.5)
+        _click(wait, "//button[.//p[text()='New blind pair']]")
+        wait.until(ec.element_to_be_clickable(
+            (By.XPATH, "//button[.//p[text()='Sample 1 is better']]")))
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "Which do you prefer?" in body and "tiny-b (step" not in body  # blind
+        _click(wait, "//button[.//p[text()='Sample 1 is better']]")
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Recorded in"))
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"),
+                                                    "Blind judgements so far"))
+        shots["ab"] = tmp_path / "app-ab.png"
+        browser.save_screenshot(str(shots["ab"]))
 
         # the Runs page: a loss plot
         browser.find_element(By.CSS_SELECTOR, "a[href$='/runs']").click()
@@ -172,6 +245,9 @@ def test_generate_and_runs_in_chromium(server, maestro_dir, tmp_path):
     for path in shots.values():
         assert path.stat().st_size > 20_000  # a real page, not a blank one
     assert len(list((server["out"] / "generations").iterdir())) == 1
+    assert len(list(next((server["out"] / "grids").iterdir()).iterdir())) == 3
+    (judgement,) = (server["out"] / "ab" / "judgements.jsonl").read_text().splitlines()
+    assert '"choice": "first"' in judgement
     target = os.environ.get("PIANO_GPT_SCREENSHOT_DIR")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)

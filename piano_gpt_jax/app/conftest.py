@@ -41,3 +41,12 @@ def small_dataset(mini_maestro) -> Path:
     """Real MAESTRO notes (300 per piece) saved as a dataset directory, the save_to_disk format
     the trainer reads."""
     return mini_maestro(300)
+
+
+@pytest.fixture(scope="session")
+def long_midi(tmp_path_factory) -> Path:
+    """240 notes of the arpeggio: a prompt far longer than the tiny model's context (96)."""
+    from piano_gpt_jax.music.midi import write_midi
+
+    return write_midi(testing_support.arpeggio_notes(240),
+                      tmp_path_factory.mktemp("midi") / "long.mid")

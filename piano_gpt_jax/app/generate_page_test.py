@@ -27,7 +27,8 @@ def test_renders_without_a_checkpoint(app_env):
     assert not at.exception
     assert at.title[0].value == "Generate"
     assert [i.value for i in at.info] == ["Choose a checkpoint to start."]
-    assert at.selectbox(key="gen_ckpt_choice").options == [str(app_env["runs"] / "tiny")]
+    assert at.selectbox(key="gen_ckpt_choice").options == [str(app_env["runs"] / "tiny"),
+                                                            str(app_env["runs"] / "tiny-b")]
 
 
 @pytest.mark.slow
@@ -50,7 +51,10 @@ def test_generation_shows_notes_pianoroll_and_audio(app_env, arpeggio_midi, monk
     assert len(texts) == 2
     n_notes = [int(t.split("→ ")[1].split(" notes")[0]) for t in texts]
     assert sum(n_notes) > 0
-    assert len(at.image) == 2 and len(at.get("audio")) == 2
+    # per sample: the whole roll and one zoomed on the new notes, and one player
+    assert len(at.image) == 4 and len(at.get("audio")) == 2
+    assert any(c.value.startswith("The model sees prompt ") and "of context 96" in c.value
+               for c in at.caption)
     assert any("tokens/s" in c.value for c in at.caption)
     # the files behind the page: a decodable PNG per sample and WAVs as long as the music
     out = next((app_env["out"] / "generations").iterdir())
@@ -135,8 +139,14 @@ def test_dataset_piece_prompt_with_a_task(app_env, small_dataset):
     at.number_input(key="gen_max_new").set_value(24)
     at.button(key="gen_go").click().run()
     assert not at.exception and not _errors(at)
-    assert any("original target 5 notes" in c.value and "prompt 19 notes" in c.value
+    # 24 notes make 120 tokens, more than the context (96): before, the model silently got the
+    # last 96 (its dataset, composer and task tokens cut off) while the page said 19 notes
+    assert any("prompt 16 notes / 93 tokens of context 96, original target 5 notes" in c.value
                for c in at.caption)
-    assert len(at.image) == 1
+    assert any(c.value.startswith("the prompt of 24 notes is 120 tokens") for c in at.caption)
+    assert len(at.image) == 2  # the whole roll and the zoomed one
+    # a task generation is scored against the notes the task removed
+    table = at.dataframe[0].value
+    assert "confusion metrics/weighted_f1" in table.index and len(table) == 18
     at.text_input(key="gen_dataset").set_value(str(app_env["tmp"] / "missing")).run()
     assert "does not exist" in _errors(at)[0]

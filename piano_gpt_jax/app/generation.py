@@ -1,25 +1,36 @@
 """One click of Generate: the prompt as the model was trained to read it, the cached jitted
 sampler, and the outputs (MIDI, token ids) written to a fresh folder of the app's own.
 
-Prompt building is `generate.task_prompt` / `generate.continuation_prompt`, the same code the CLI
-uses, so the app and `python -m piano_gpt_jax.generate` give the same tokens for the same input.
+Prompt building is `generate.task_prompt` / `generate.continuation_prompt`, and prompt fitting
+`generate.fit_prompt`: the same code the CLI uses, so the app and `python -m
+piano_gpt_jax.generate` give the same tokens for the same input, and a prompt longer than the
+context keeps its first notes (with its task tokens), never a silently cut-off front.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from piano_gpt_jax import sampling
+from piano_gpt_jax import piano_metrics, sampling
 from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.models import LoadedModel
 from piano_gpt_jax.app.prompts import Prompt, frame
-from piano_gpt_jax.generate import GenerateError, continuation_prompt, resolve_task, task_prompt
+from piano_gpt_jax.evaluate import crop_to_target
+from piano_gpt_jax.generate import (
+    GenerateError,
+    continuation_prompt,
+    fit_prompt,
+    resolve_task,
+    task_prompt,
+)
 from piano_gpt_jax.music.midi import write_midi
 from piano_gpt_jax.music.tasks import resolve_tasks
 from piano_gpt_jax.sampling import SamplingSettings
@@ -53,6 +64,22 @@ class Sample:
             else 0.0
 
 
+@dataclass(frozen=True)
+class BuiltPrompt:
+    """What the model is given: ids (never longer than its context), the notes they hold."""
+
+    ids: np.ndarray
+    shown: pd.DataFrame  # the notes in the prompt (a task's source notes)
+    target: pd.DataFrame | None  # the notes a PIANO task removed
+    offset: float  # seconds after which new notes start (continuation)
+    fit_note: str | None  # how the notes were cut to fit the context, if they were
+    context: int
+
+    @property
+    def sees(self) -> str:
+        return f"prompt {len(self.ids)} tokens of context {self.context}"
+
+
 @dataclass
 class Generation:
     request: Request
@@ -64,6 +91,8 @@ class Generation:
     decode_seconds: float
     compile_seconds: float
     files: dict[str, Path] = field(default_factory=dict)
+    fit_note: str | None = None
+    context: int = 0
 
     @property
     def n_new_tokens(self) -> int:
@@ -82,10 +111,10 @@ def supported_tasks(model: LoadedModel) -> list[str]:
     return [n for n in task_names() if model.has_tokens(list(resolve_task(n).prefix_tokens))]
 
 
-def build_prompt(model: LoadedModel, prompt: Prompt, request: Request,
-                 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame | None, float]:
-    """(prompt ids, shown prompt notes, removed target or None, time offset of new notes)."""
+def build_prompt(model: LoadedModel, prompt: Prompt, request: Request) -> BuiltPrompt:
+    """The prompt exactly as the model will see it; AppError when it cannot be built."""
     tok = model.tokenizer
+    context = model.model_config.context_size
     try:
         if request.task != CONTINUATION:
             task = resolve_task(request.task)
@@ -93,19 +122,24 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request,
                 raise AppError(f"task {request.task} splits prompt notes into what the model "
                                "sees and what it must write: choose a prompt with notes, or "
                                "'continuation'")
-            ids, source, target = task_prompt(tok, task, prompt.notes, request.dataset_token,
-                                              request.composer_token, model.layout)
-            return ids, frame(source), frame(target), 0.0
-        ids = continuation_prompt(tok, prompt.notes, request.dataset_token,
-                                  request.composer_token)
+            build = lambda n: task_prompt(tok, task, n, request.dataset_token,
+                                          request.composer_token, model.layout)
+        else:
+            build = lambda n: (continuation_prompt(tok, n, request.dataset_token,
+                                                   request.composer_token), n, None)
+        (ids, shown, target), fit_note = fit_prompt(build, prompt.notes, context,
+                                                    explicit=False)
     except GenerateError as e:
         raise AppError(str(e)) from None
     if len(ids) == 0:
         raise AppError("this checkpoint's vocabulary has no dataset or composer tokens to start "
                        "from; give it a prompt with notes")
-    # New notes follow the prompt's last event: the seconds its time tokens cover.
-    offset = int(model.tables.time_increment[ids].sum()) * tok.time_unit
-    return ids, prompt.notes, None, offset
+    offset = 0.0
+    if request.task == CONTINUATION:
+        # New notes follow the prompt's last event: the seconds its time tokens cover.
+        offset = int(model.tables.time_increment[ids].sum()) * tok.time_unit
+    return BuiltPrompt(ids, frame(shown), None if target is None else frame(target), offset,
+                       fit_note, context)
 
 
 def check_request(request: Request) -> SamplingSettings:
@@ -121,19 +155,66 @@ def check_request(request: Request) -> SamplingSettings:
         raise AppError(str(e)) from None
 
 
-def generate(model: LoadedModel, prompt: Prompt, request: Request) -> Generation:
-    """Sample `request.num_samples` continuations in one batch with the cached jitted sampler."""
+def generate(model: LoadedModel, prompt: Prompt, request: Request,
+             progress: Callable[[int, int], None] | None = None) -> Generation:
+    """Sample `request.num_samples` continuations in one batch with the cached jitted sampler;
+    `progress(tokens, max_new_tokens)` as in sampling.generate."""
     settings = check_request(request)
-    ids, shown, target, offset = build_prompt(model, prompt, request)
-    result = sampling.generate(model.model_config, model.params, [ids] * request.num_samples,
-                               settings, model.tables)
+    built = build_prompt(model, prompt, request)
+    result = sampling.generate(model.model_config, model.params,
+                               [built.ids] * request.num_samples, settings, model.tables,
+                               progress=progress)
     samples = []
     for k, new in enumerate(result.new_tokens):
         notes = frame(model.tokenizer.decode(new))
-        notes = notes.assign(start=notes["start"] + offset, end=notes["end"] + offset)
+        notes = notes.assign(start=notes["start"] + built.offset,
+                             end=notes["end"] + built.offset)
         samples.append(Sample(np.asarray(new), notes, bool(result.stopped[k])))
-    return Generation(request, shown, target, ids, samples, result.tokens_per_second,
-                      result.seconds, result.compile_seconds)
+    return Generation(request, built.shown, built.target, built.ids, samples,
+                      result.tokens_per_second, result.seconds, result.compile_seconds,
+                      fit_note=built.fit_note, context=built.context)
+
+
+def scores(gen: Generation, k: int) -> dict[str, float] | None:
+    """PIANO metrics of sample k against the notes the task removed (None for a continuation):
+    the numbers `evaluate` reports, computed the same way (generation cropped to the target)."""
+    if gen.target is None:
+        return None
+    generated = crop_to_target(gen.samples[k].notes, gen.target)
+    return _metrics().calculate_flat(gen.target, generated)
+
+
+@functools.lru_cache(maxsize=1)
+def _metrics() -> piano_metrics.MetricsManager:
+    return piano_metrics.MetricsManager.load_default()
+
+
+def listening_window(gen: Generation, k: int, seconds: float | None,
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(prompt notes still sounding in the last `seconds` before sample k's new notes, the new
+    notes), shifted so the window starts at 0. None: the whole prompt; 0: the new notes alone.
+    What to listen to for the new notes: the full prompt can be minutes long."""
+    new = gen.samples[k].notes
+    begin = float(new["start"].min()) if len(new) else duration_end(gen.prompt)
+    if seconds is None:
+        before, t0 = gen.prompt, 0.0
+    else:
+        before = gen.prompt[gen.prompt["end"] > begin - seconds] if seconds > 0 \
+            else gen.prompt[:0]
+        t0 = max(begin - seconds, 0.0)
+    shift = lambda df: frame(df).assign(start=lambda d: (d["start"] - t0).clip(lower=0.0),
+                                        end=lambda d: d["end"] - t0)
+    return shift(before), shift(new)
+
+
+def lead_in(gen: Generation, k: int, seconds: float | None) -> pd.DataFrame:
+    """listening_window as one piece (what the player plays)."""
+    before, new = listening_window(gen, k, seconds)
+    return frame(pd.concat([before, new], ignore_index=True)) if len(new) else before
+
+
+def duration_end(notes: pd.DataFrame) -> float:
+    return float(notes["end"].max()) if len(notes) else 0.0
 
 
 def combined(gen: Generation, k: int) -> pd.DataFrame:

@@ -25,9 +25,11 @@ def test_continuation_and_task_write_notes_and_files(model, tmp_path):
     gen = generation.generate(model, prompt, request)
     assert len(gen.samples) == 2 and all(len(s.ids) <= 32 for s in gen.samples)
     assert sum(len(s.notes) for s in gen.samples) > 0
-    # new notes follow the prompt: they start after its last onset
+    # new notes follow the prompt the model saw (the notes that fit its context of 96)
     new = next(s.notes for s in gen.samples if len(s.notes))
-    assert new["start"].min() >= prompt.notes["start"].max()
+    assert new["start"].min() >= gen.prompt["start"].max()
+    assert len(gen.prompt) == (16 if gen.fit_note is None else
+                               int(gen.fit_note.split("kept the first ")[1].split()[0]))
     settings = AppSettings(tmp_path / "runs", tmp_path / "out")
     first, second = settings.new_output_dir("g"), settings.new_output_dir("g")
     assert first != second  # one folder per click: nothing earlier is replaced
@@ -61,3 +63,52 @@ def test_refusals_are_readable(model, tmp_path):
                                                   "top_line_masking-x3"]
     with pytest.raises(AppError, match="vocabulary has no.*PARAMETRIC_HIGH_NOTES"):
         generation.generate(narrow, prompt, generation.Request(task="high_notes_masking-x5"))
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_first_notes_and_its_task_tokens(model):
+    """The page once sent only the last 96 tokens of a long prompt: the dataset, composer and
+    task tokens were cut off, and the result was labelled with a task the model never saw."""
+    prompt = prompts.Prompt(arpeggio_notes(200), "long arpeggio")
+    request = generation.Request(task="high_notes_masking-x5", max_new_tokens=8)
+    built = generation.build_prompt(model, prompt, request)
+    vocab = model.tokenizer.vocab
+    assert len(built.ids) < 96 and built.sees == f"prompt {len(built.ids)} tokens of context 96"
+    assert vocab[built.ids[0]] == "<PIANO_FOR_AI>" and vocab[built.ids[-1]] == "<GENAI>"
+    assert "<PARAMETRIC_HIGH_NOTES>" in [vocab[i] for i in built.ids[:6]]
+    kept = int(built.fit_note.split("kept the first ")[1].split(" notes")[0])
+    assert len(built.shown) + len(built.target) == kept < 200
+    assert built.fit_note.startswith("the prompt of 200 notes is ")
+    gen = generation.generate(model, prompt, request)
+    assert list(gen.prompt_ids) == list(built.ids) and gen.fit_note == built.fit_note
+
+
+def test_listening_window_starts_shortly_before_the_new_notes(model):
+    prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")  # 4 s of prompt
+    gen = generation.generate(model, prompt, generation.Request(max_new_tokens=48, seed=3))
+    k = next(i for i, s in enumerate(gen.samples) if len(s.notes))
+    new = gen.samples[k].notes
+    begin = float(new["start"].min())
+    before, shifted = generation.listening_window(gen, k, 1.0)
+    assert len(shifted) == len(new) and shifted["start"].min() == pytest.approx(1.0)
+    assert 0 < len(before) < len(gen.prompt)  # only the notes still sounding in that second
+    assert (before["end"] > 0).all() and before["start"].min() >= 0.0
+    alone, new_alone = generation.listening_window(gen, k, 0.0)
+    assert len(alone) == 0 and new_alone["start"].min() == pytest.approx(0.0)
+    whole = generation.lead_in(gen, k, None)
+    assert len(whole) == len(gen.prompt) + len(new) and whole["start"].min() == 0.0
+    assert begin > 3.0  # after the 4 s prompt's last onset
+
+
+def test_a_task_sample_is_scored_against_the_removed_notes(model):
+    prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")
+    gen = generation.generate(model, prompt, generation.Request(
+        task="high_notes_masking-x5", max_new_tokens=32, temperature=0.0))
+    scores = generation.scores(gen, 0)
+    assert 0.0 <= scores["confusion metrics/weighted_f1"] <= 1.0 and len(scores) == 18
+    # the target scored against itself is perfect: the numbers are real F1s
+    perfect = generation.Generation(gen.request, gen.prompt, gen.target, gen.prompt_ids,
+                                    [generation.Sample(gen.samples[0].ids, gen.target, True)],
+                                    1.0, 1.0, 0.0)
+    assert generation.scores(perfect, 0)["confusion metrics/weighted_f1"] == pytest.approx(1.0)
+    continuation = generation.generate(model, prompt, generation.Request(max_new_tokens=4))
+    assert generation.scores(continuation, 0) is None

@@ -33,6 +33,7 @@ class LoadedModel:
     tables: Any  # sampling.TokenTables
     layout: str  # "annotated" or "plain" (music/layouts.py): this vocabulary's task prompts
     step: int | None
+    notes_per_record: int | None = None  # of the run that trained it: the prompts it knows
 
     def has_tokens(self, tokens: list[str] | tuple[str, ...]) -> bool:
         return all(t in self.tokenizer.token_to_id for t in tokens)
@@ -75,6 +76,7 @@ def load_model(path: str | Path) -> LoadedModel:
         record = load_any_checkpoint(path)
     except Exception as e:  # noqa: BLE001 — orbax/torch raise many types; all mean "unusable"
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = message.removeprefix(f"{path}: ")  # said once, in front
         raise AppError(f"cannot load checkpoint {path}: {message[:500]}") from None
     try:
         tokenizer = record.tokenizer(str(path))
@@ -82,7 +84,8 @@ def load_model(path: str | Path) -> LoadedModel:
         raise AppError(str(e)) from None
     return LoadedModel(str(path), record.model_config, record.params, tokenizer,
                        sampling.token_tables(tokenizer),
-                       generate.prompt_layout_of(tokenizer), record.step)
+                       generate.prompt_layout_of(tokenizer), record.step,
+                       generate.trained_notes_per_record(record.meta))
 
 
 def cache_key(path: str | Path) -> tuple[str, float]:

@@ -16,7 +16,7 @@ from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 
 
 def test_list_and_load(runs_root, tmp_path):
-    assert models.list_checkpoints(runs_root) == [runs_root / "tiny"]
+    assert models.list_checkpoints(runs_root) == [runs_root / "tiny", runs_root / "tiny-b"]
     assert models.list_checkpoints(tmp_path / "missing") == []
     m = models.load_model(runs_root / "tiny")
     assert m.layout == "annotated" and m.model_config.n_layer == 2 and "context 96" in m.summary
@@ -62,3 +62,24 @@ def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(AppError, match="refused"):
         models.load_model(evil)
     assert not marker.exists()  # the pickle's code never ran
+
+
+def test_refusals_say_the_path_once_and_nothing_the_app_cannot_use(tmp_path):
+    """A malicious .pt: what torch refused, without its cut-off advice; a device file: no Python
+    function names (they mean nothing in the app)."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Payload()}, evil)
+    with pytest.raises(AppError) as refused:
+        models.load_model(evil)
+    message = str(refused.value)
+    assert message.count(str(evil)) == 1 and "(GLOBAL posix.system)" in message
+    assert "options" not in message and "weights_only" not in message
+    with pytest.raises(AppError) as device:
+        models.load_model("/dev/zero")
+    assert "neither a .pt file nor a checkpoint directory" in str(device.value)
+    assert "load_any_checkpoint" not in str(device.value) and "converters" not in str(device.value)

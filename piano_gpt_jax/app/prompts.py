@@ -35,6 +35,13 @@ def frame(notes: Any) -> pd.DataFrame:
     return df.sort_values(["start", "pitch"], kind="stable").reset_index(drop=True)
 
 
+def display_name(name: str) -> str:
+    """An uploaded file's name as the page may show it: control characters (a NUL byte replaced
+    the page with Streamlit's exception box) dropped, at most 120 characters."""
+    clean = "".join(ch for ch in str(name) if ch.isprintable())
+    return (clean[:117] + "...") if len(clean) > 120 else (clean or "upload.mid")
+
+
 def empty_prompt() -> Prompt:
     return Prompt(frame(None), "no prompt (the model starts from scratch)")
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import RunMeta
 from piano_gpt_jax.checkpoints.run_dir import BEST_SUBDIR, CHECKPOINTS_SUBDIR, holds_checkpoints
-from piano_gpt_jax.config import flatten
+from piano_gpt_jax.config import ConfigError, build_train_config, flatten
+from piano_gpt_jax.optim import make_schedule
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
@@ -180,6 +182,53 @@ def train_series(runs: list[Run], key: str) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["run", "step", "tokens", key])
     df["tokens"] = pd.to_numeric(df["tokens"], errors="coerce")
     return df
+
+
+MAX_LR_POINTS = 400
+
+
+def lr_series(runs: list[Run]) -> pd.DataFrame:
+    """Long table run, step, tokens, lr of every run from update 1: the schedule of the run's
+    own config (optim.lr_at, what the trainer runs), so warmup shows even when the first logged
+    step is past it; the logged values where the config cannot be read."""
+    pairs = [(run, _schedule(run)) for run in runs]
+    frames = [f for _, f in pairs if f is not None]
+    logged = train_series([run for run, f in pairs if f is None], "lr")
+    return pd.concat([*frames, logged], ignore_index=True) if frames else logged
+
+
+def _schedule(run: Run) -> pd.DataFrame | None:
+    if not run.config or not run.events:
+        return None
+    try:
+        optim = build_train_config(nested(run.config)).optim
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return None
+    last = int(max(e["step"] for e in run.events))
+    if last < 1:
+        return None
+    steps = np.unique(np.linspace(1, last, min(last, MAX_LR_POINTS)).round().astype(int))
+    lr = np.asarray(make_schedule(optim)(steps - 1), np.float64)
+    per_step = [e["tokens"] / e["step"] for e in run.of_kind("train")
+                if e.get("step") and _finite(e.get("tokens"))]
+    tokens = steps * per_step[-1] if per_step else np.full(len(steps), np.nan)
+    return pd.DataFrame({"run": run.name, "step": steps, "tokens": tokens, "lr": lr})
+
+
+def nested(config: dict) -> dict:
+    """A flat ("optimizer.max_iters") or nested config as the nested dict build_train_config
+    reads."""
+    out: dict = {}
+    for key, value in flat_config(config).items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = value
+    return out
 
 
 def latest_eval(run: Run) -> pd.DataFrame | None:

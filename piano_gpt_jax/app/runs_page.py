@@ -81,7 +81,8 @@ def curves_section(loaded: list[runs.Run]) -> None:
                         width="stretch")
     c1, c2 = st.columns(2)
     for col, key, title in ((c1, "lr", "Learning rate"), (c2, "tokens_per_s", "Tokens/s")):
-        series = runs.train_series(loaded, key).dropna(subset=[x])
+        series = (runs.lr_series(loaded) if key == "lr"
+                  else runs.train_series(loaded, key)).dropna(subset=[x])
         with col:
             st.subheader(title)
             if series.empty:

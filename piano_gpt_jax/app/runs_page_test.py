@@ -21,7 +21,8 @@ def test_loss_curves_config_and_latest_eval(app_env):
     at = _page().run()
     assert not at.exception and at.title[0].value == "Runs"
     assert at.multiselect(key="runs_chosen").value == [str(app_env["runs"] / "other"),
-                                                       str(app_env["runs"] / "tiny")]
+                                                       str(app_env["runs"] / "tiny"),
+                                                       str(app_env["runs"] / "tiny-b")]
     specs = _chart_specs(at)
     assert len(specs) == 3  # loss, learning rate, tokens/s
     assert specs[0]["encoding"]["y"]["field"] == "loss"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from piano_gpt_jax.app import runs
 from piano_gpt_jax.app.testing_support import write_metrics
 
@@ -25,7 +27,7 @@ def test_metrics_curves_and_latest_eval(tmp_path):
 
 
 def test_find_runs_config_and_task_eval(tmp_path, runs_root):
-    assert [p.name for p in runs.find_runs(runs_root)] == ["other", "tiny"]
+    assert [p.name for p in runs.find_runs(runs_root)] == ["other", "tiny", "tiny-b"]
     run = runs.load_run(runs_root / "tiny")
     assert runs.config_value(run.config, "data.context_size") == 96
     assert "meta" in run.config_source
@@ -43,3 +45,21 @@ def test_find_runs_config_and_task_eval(tmp_path, runs_root):
     assert run.config == {"lr": 0.1} and [p.name for p in run.exports] == ["final.pt"]
     assert len(runs.latest_task_eval(run)) == 2
     assert runs.find_runs(tmp_path / "missing") == []
+
+
+def test_the_learning_rate_chart_shows_warmup_before_the_first_logged_step(tmp_path):
+    """Logged every 25 steps, the chart used to start at step 25 and never show warmup; it is
+    the run config's schedule from update 1."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    events = [{"event": "train", "step": s, "train_loss": 3.0, "lr": 0.0, "tokens": s * 100}
+              for s in (25, 50, 75, 100)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    run = runs.load_run(run_dir)
+    run.config = {"optimizer.max_iters": 100, "lr.learning_rate": 1e-3, "lr.min_lr": 1e-4,
+                  "lr.warmup_iters": 20, "lr.lr_decay_iters": 100}
+    lr = runs.lr_series([run]).set_index("step")["lr"]
+    assert lr.index[0] == 1 and lr.loc[1] == pytest.approx(1e-3 / 20)  # warmup, 1-based
+    assert lr.loc[20] == pytest.approx(1e-3) and lr.loc[100] == pytest.approx(1e-4)
+    run.config = None  # no config: the logged values, as before
+    assert runs.lr_series([run])["step"].tolist() == [25, 50, 75, 100]

@@ -20,7 +20,7 @@ def settings() -> AppSettings:
     return AppSettings.from_env()
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the checkpoint…")
+@st.cache_resource(max_entries=6, show_spinner="Loading the checkpoint…")
 def _model(key: tuple[str, float]) -> models.LoadedModel:
     return models.load_model(key[0])
 

@@ -118,11 +118,13 @@ _RUNS_ROOT: Path | None = None
 
 def shared_runs_root(tmp_path_factory) -> Path:
     """One runs folder per test session (the page tests and the browser test share it): `tiny`
-    (the fitted checkpoint and a metrics log) and `other` (a second, shorter log to compare)."""
+    (the fitted checkpoint and a metrics log), `tiny-b` (the same model fitted for fewer steps:
+    a second checkpoint to compare and judge blind) and `other` (a second, shorter log)."""
     global _RUNS_ROOT
     if _RUNS_ROOT is None or not (_RUNS_ROOT / "tiny").is_dir():
         root = tmp_path_factory.mktemp("app-runs")
         make_tiny_run(root / "tiny")
+        make_tiny_run(root / "tiny-b", steps=40)
         write_metrics(root / "tiny")
         write_metrics(root / "other", steps=20, eval_every=5, decay_steps=6.0, floor=2.6,
                       tokens_per_s=4200.0)

@@ -217,6 +217,9 @@ def load_any_checkpoint(path: str | Path, with_optimizer: bool = False) -> Check
     path = Path(path)
     if path.is_file():
         return load_torch_checkpoint(path, with_optimizer=with_optimizer)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: is neither a .pt file nor a checkpoint directory (a "
+                              "device or pipe); pass a run directory or a .pt file.")
     return load_model_checkpoint(path, with_optimizer=with_optimizer)
 
 

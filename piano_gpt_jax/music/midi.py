@@ -214,13 +214,30 @@ def read_midi(path: str | os.PathLike, sustain: bool = True) -> pd.DataFrame:
     return read_midi_contents(path, sustain=sustain).notes
 
 
+_CHANNELS = np.array([c for c in range(16) if c != 9])  # 9 is General MIDI's drum channel
+
+
+def _unison_channels(pitch: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """Channel per note: 0, or the note's rank among notes of its pitch on its onset tick."""
+    order = np.lexsort((on, pitch))
+    rank = np.zeros(len(pitch), np.int64)
+    for k in range(1, len(order)):
+        i, j = order[k], order[k - 1]
+        if pitch[i] == pitch[j] and on[i] == on[j]:
+            rank[i] = rank[j] + 1
+    return _CHANNELS[np.minimum(rank, len(_CHANNELS) - 1)]
+
+
 def write_midi(
     notes: Any, path: str | os.PathLike, ticks_per_beat: int = 960, program: int = 0
 ) -> Path:
     """Write notes as a single-track piano MIDI file (120 qpm), replacing ``path`` atomically.
 
     A note that overlaps the next note of the same pitch is cut at that onset, so every note
-    survives playback; note-offs precede note-ons at equal ticks for the same reason.
+    survives playback; note-offs precede note-ons at equal ticks for the same reason. Notes of
+    one pitch starting on the same tick cannot share a channel (a reader pairs their note-offs
+    into one note), so the second goes on channel 1, the third on 2 and so on (drums' channel 9
+    skipped): the file holds every note the table does.
     """
     import mido
 
@@ -230,32 +247,32 @@ def write_midi(
     pitch, velocity = piece["pitch"], piece["velocity"]
     on = np.rint(piece["start"] * ticks_per_second).astype(np.int64)
     off = np.rint(piece["end"] * ticks_per_second).astype(np.int64)
-    order = np.lexsort((on, pitch))
-    same = pitch[order][1:] == pitch[order][:-1]
+    channel = _unison_channels(pitch, on)
+    order = np.lexsort((on, pitch, channel))
+    same = (pitch[order][1:] == pitch[order][:-1]) & (channel[order][1:] == channel[order][:-1])
     cut = off.copy()
     nxt = order[1:][same]
     cur = order[:-1][same]
     cut[cur] = np.minimum(off[cur], on[nxt])
     off = np.maximum(cut, on + 1)
-    overlap = np.zeros(len(pitch), bool)
-    overlap[cur] = off[cur] > on[nxt]  # only possible for two onsets on the same tick
-    keep = ~overlap
-    pitch, velocity, on, off = pitch[keep], velocity[keep], on[keep], off[keep]
 
     times = np.concatenate([off, on])
     kinds = np.concatenate([np.zeros(len(off), np.int64), np.ones(len(on), np.int64)])
     pitches = np.concatenate([pitch, pitch])
+    channels = np.concatenate([channel, channel])
     vels = np.concatenate([np.zeros(len(off), np.int64), velocity])
-    order = np.lexsort((pitches, kinds, times))
+    order = np.lexsort((channels, pitches, kinds, times))
     track = mido.MidiTrack()
     track.append(mido.MetaMessage("set_tempo", tempo=DEFAULT_MSPQ, time=0))
-    track.append(mido.Message("program_change", program=program, channel=0, time=0))
+    for c in np.unique(channel).tolist() or [0]:
+        track.append(mido.Message("program_change", program=program, channel=int(c), time=0))
     prev = 0
     for i in order.tolist():
         delta = int(times[i]) - prev
         prev = int(times[i])
         kind = "note_on" if kinds[i] else "note_off"
-        track.append(mido.Message(kind, note=int(pitches[i]), velocity=int(vels[i]), time=delta))
+        track.append(mido.Message(kind, note=int(pitches[i]), velocity=int(vels[i]),
+                                  channel=int(channels[i]), time=delta))
     track.append(mido.MetaMessage("end_of_track", time=0))
     midi = mido.MidiFile(type=0, ticks_per_beat=ticks_per_beat)
     midi.tracks.append(track)

@@ -144,3 +144,20 @@ def test_pedal_in_a_separate_track_applies_to_note_tracks(tmp_path):
     midi.save(tmp_path / "type1.mid")
     notes = read_midi(tmp_path / "type1.mid")
     np.testing.assert_allclose(notes.end, [2.0])
+
+
+def test_notes_of_one_pitch_on_one_tick_all_reach_the_file(tmp_path):
+    """The app showed 7 notes and its MIDI download held 6: two notes of one pitch starting on
+    one tick were merged. Each now sounds on its own channel, so file and table agree."""
+    import pandas as pd
+
+    from piano_gpt_jax.music.midi import read_midi, write_midi
+
+    table = pd.DataFrame({"pitch": [60, 60, 64, 60, 62, 62, 62],
+                          "velocity": [80, 70, 60, 50, 40, 41, 42],
+                          "start": [0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0],
+                          "end": [0.4, 0.3, 0.9, 1.5, 1.2, 1.3, 1.4]})
+    back = read_midi(write_midi(table, tmp_path / "unison.mid"))
+    key = lambda df: sorted(zip(df.pitch, df.velocity, df.start.round(6), df.end.round(6),
+                                strict=True))
+    assert key(back) == key(table)
