@@ -122,3 +122,12 @@ def _save_mini_maestro(maestro_dir: Path, out: Path, notes_per_piece: int) -> Pa
                           "test": make(rows[2:])}).save_to_disk(str(out))
     return out
 
+
+
+MAX_TEST_WORKERS = 4  # each worker holds a JAX runtime and compiled programs (~1-2 GB)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): one worker per core, at most MAX_TEST_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_TEST_WORKERS))

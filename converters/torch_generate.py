@@ -22,6 +22,7 @@ import torch
 
 from converters.torch_model import TorchGPT
 from piano_gpt_jax import sampling
+from piano_gpt_jax.checkpoints.model_folder import is_model_folder, load_model_folder
 from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint, params_to_state_dict
 from piano_gpt_jax.generate import main as generate_main
 from piano_gpt_jax.music.time_steps import step_after
@@ -89,10 +90,12 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
 
 
 def _load(path: str):
+    if is_model_folder(path):
+        return load_model_folder(path)
     if not Path(path).is_file() or Path(path).suffix != ".pt":
-        raise ValueError(f"{path} is not a .pt file; export one with python -m "
-                         "converters.jax_to_torch, or use python -m piano_gpt_jax.generate for "
-                         "checkpoint directories")
+        raise ValueError(f"{path} is neither a .pt file nor a model folder; export one with "
+                         "python -m converters.jax_to_torch or converters.export_hf, or use "
+                         "python -m piano_gpt_jax.generate for checkpoint directories")
     return load_torch_checkpoint(path)
 
 

@@ -126,6 +126,9 @@ class LrSection:
 class CheckpointSection:
     keep_last: int = 3  # recent checkpoints kept (the best by validation loss is kept too)
     export_torch: bool = True  # write best.pt and final.pt in out_dir
+    # also write best/ and final/ model folders (safetensors weights, config.json,
+    # tokenizer.json, a model card): weights anyone can load without unpickling
+    export_safetensors: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

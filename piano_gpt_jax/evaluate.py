@@ -29,7 +29,7 @@ import numpy as np
 
 from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax import piano_metrics, sampling
-from piano_gpt_jax.checkpoints import load_any_checkpoint, resolve_step_dir
+from piano_gpt_jax.checkpoints import is_model_folder, load_any_checkpoint, resolve_step_dir
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.model import ModelConfig
@@ -165,8 +165,9 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def run_dir_of(path: Path) -> Path:
-    """The run directory a checkpoint path belongs to (a .pt's own directory)."""
-    if path.is_file():
+    """The run directory a checkpoint path belongs to (a .pt's own directory, a model folder's
+    parent: RUN/final/ is the run's export)."""
+    if path.is_file() or is_model_folder(path):
         return path.parent
 
     return resolve_step_dir(path).parent.parent

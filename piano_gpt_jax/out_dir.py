@@ -3,6 +3,7 @@
   out_dir/checkpoints/<step>/   orbax training checkpoints (checkpoints/run_dir.py)
   out_dir/metrics.jsonl         one JSON line per log/eval event
   out_dir/final.pt, best.pt     PyTorch exports, written when the run finishes
+  out_dir/final/, best/         safetensors model folders (checkpoint.export_safetensors)
   out_dir/wandb_id.txt          the run's wandb id (kept across resumes)
   out_dir/damaged/              checkpoints that failed to restore, moved aside, never deleted
   out_dir/replaced-<time>/      an earlier run's outputs, moved aside by `overwrite=True`
@@ -22,9 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from piano_gpt_jax.checkpoints.model_folder import is_model_folder
 from piano_gpt_jax.run_log import METRICS_FILE, read_events
 
 EXPORTS = ("final.pt", "best.pt")
+MODEL_FOLDERS = ("final", "best")  # checkpoint.export_safetensors
 WANDB_ID = "wandb_id.txt"
 # Temporary names of the files above while they are written (then renamed into place).
 TEMPORARY = (".final.pt.*.tmp", ".best.pt.*.tmp", ".metrics.*.tmp", ".write-test-*")
@@ -102,6 +105,8 @@ def earlier_outputs(out_dir: Path) -> list[str]:
     best = out_dir / "best"
     if best.is_dir() and any(p.name.isdigit() for p in best.iterdir()):
         found.append("best/")
+    found += [f"{name}/" for name in MODEL_FOLDERS if is_model_folder(out_dir / name)
+              and f"{name}/" not in found]
     return found
 
 

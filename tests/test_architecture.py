@@ -163,7 +163,7 @@ LAYERS = (
     ("kernels", "model"),
     ("optim", "sharding", "train_step"),
     ("checkpoints",),
-    ("run_log", "out_dir"),
+    ("run_log", "out_dir", "model_card"),
     ("sampling", "piano_metrics", "evaluate", "pianoroll", "generate"),
     ("training",),
     ("train", "launch"),

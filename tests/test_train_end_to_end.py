@@ -178,6 +178,31 @@ def test_eval_only_on_the_exported_pt(dataset, reference_run, tmp_path):
     assert float(row.split()[-1]) == pytest.approx(last["val_loss"], abs=1e-4)
 
 
+def test_export_safetensors_writes_model_folders_every_tool_reads(dataset, reference_run,
+                                                                   tmp_path):
+    """checkpoint.export_safetensors: final/ and best/ beside final.pt and best.pt, the same
+    weights; init_from reads the folder (eval_only gives the run's last validation loss)."""
+    import shutil
+
+    from converters import load_torch_checkpoint
+    from piano_gpt_jax.checkpoints import load_any_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    run(dataset, out, "--config.checkpoint.export_safetensors=True")  # at max_iters: exports
+    for name in ("final", "best"):
+        folder = load_any_checkpoint(out / name)
+        pt = load_torch_checkpoint(out / f"{name}.pt")
+        assert folder.step == pt.step and folder.tokenizer_desc == pt.tokenizer_desc
+        assert_same_params(folder.params, pt.params)
+        assert (out / name / "README.md").read_text().count("| full_val |") == 1
+    r = run(dataset, tmp_path / "eval", "--config.eval_only=True",
+            f"--config.init_from={out / 'final'}")
+    row = next(line for line in r.stdout.splitlines() if line.startswith("full_val"))
+    last = [e for e in events(reference_run) if e["event"] == "eval"][-1]
+    assert float(row.split()[-1]) == pytest.approx(last["val_loss"], abs=1e-4)
+
+
 def test_unknown_eval_split_stops_with_a_message(dataset, tmp_path):
     r = run(dataset, tmp_path / "bad", "--config.data.eval_splits=('full_val','liszt')",
             check=False)

@@ -18,6 +18,7 @@ from piano_gpt_jax.checkpoints import (
     CHECKPOINTS_SUBDIR,
     CheckpointError,
     holds_checkpoints,
+    is_model_folder,
     load_any_checkpoint,
 )
 
@@ -51,16 +52,17 @@ def is_run_dir(path: Path) -> bool:
 
 
 def list_checkpoints(runs_root: Path) -> list[Path]:
-    """Run directories and `.pt` files directly under `runs_root` and one level below (the
-    trainer's exports sit in their run directory)."""
+    """Run directories, `.pt` files and model folders (safetensors) directly under `runs_root`
+    and one level below (the trainer's exports sit in their run directory)."""
     if not runs_root.is_dir():
         return []
     found: list[Path] = []
     for run in sorted(p for p in runs_root.iterdir() if not p.name.startswith(".")):
         if run.is_dir():
-            if is_run_dir(run):
+            if is_run_dir(run) or is_model_folder(run):
                 found.append(run)
             found += sorted(p for p in run.glob("*.pt") if p.is_file())
+            found += sorted(p for p in run.iterdir() if is_model_folder(p))  # RUN/final/
         elif run.suffix == ".pt" and run.is_file():
             found.append(run)
     return found

@@ -1,8 +1,13 @@
 """Checkpoints: one record (record.py), our orbax run directory (run_dir.py), piano-gpt's `.pt`
-format (torch_format.py, torch imported lazily), and the run config in both vocabularies
-(run_config.py)."""
+format (torch_format.py, torch imported lazily), the safetensors model folder (model_folder.py),
+and the run config in both vocabularies (run_config.py)."""
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
+from piano_gpt_jax.checkpoints.model_folder import (
+    is_model_folder,
+    load_model_folder,
+    save_model_folder,
+)
 from piano_gpt_jax.checkpoints.record import (
     AdamState,
     CheckpointRecord,
@@ -31,9 +36,12 @@ __all__ = [
     "TrainCheckpointer",
     "abstract_params",
     "holds_checkpoints",
+    "is_model_folder",
     "jsonable",
     "load_any_checkpoint",
     "load_model_checkpoint",
+    "load_model_folder",
     "resolve_step_dir",
     "save_model_checkpoint",
+    "save_model_folder",
 ]

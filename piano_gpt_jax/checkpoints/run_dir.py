@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
+from piano_gpt_jax.checkpoints.model_folder import is_model_folder, load_model_folder
 from piano_gpt_jax.checkpoints.record import (
     AdamState,
     CheckpointRecord,
@@ -212,11 +213,17 @@ def _restore_adam(reader, step: int, record: CheckpointRecord, step_dir: Path) -
 
 
 def load_any_checkpoint(path: str | Path, with_optimizer: bool = False) -> CheckpointRecord:
-    """A torch `.pt` (piano-gpt's or our export; converted on the fly) or one of our run
-    directories."""
+    """A torch `.pt` (piano-gpt's or our export; converted on the fly), a model folder
+    (safetensors, model_folder.py) or one of our run directories."""
     path = Path(path)
     if path.is_file():
         return load_torch_checkpoint(path, with_optimizer=with_optimizer)
+    if is_model_folder(path):
+        if with_optimizer:
+            raise CheckpointError(f"{path} is a model folder (weights only, no optimizer "
+                                  "state); drop init_optimizer to fine-tune it with a fresh "
+                                  "optimizer.")
+        return load_model_folder(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: is neither a .pt file nor a checkpoint directory (a "
                               "device or pipe); pass a run directory or a .pt file.")

@@ -86,7 +86,8 @@ def _short_reason(msg: str) -> str:
     """What torch's refusal names (`GLOBAL posix.system`), without its advice to load with
     weights_only=False, which is exactly what must not be done with such a file."""
     msg = re.sub(r"\x1b\[[0-9;]*m", "", msg)  # torch colours its hint; keep the line plain
-    m = re.search(r"(GLOBAL [\w.]+|function [^\s]+|got <[^>]+>)", msg)
+    m = re.search(r"(GLOBAL [\w.]+|function [^\s]+|got <[^>]+>|Unsupported operand \d+)",
+                  msg)
     return m.group(0) if m else "an object of a type it does not allow"
 
 

@@ -68,9 +68,9 @@ def _train(cfg: TrainConfig) -> dict:
         run.announce()
         summary = _run_loop(run, started)
         saving.checkpoint_io(run.ckpt.wait, run.progress.step, run.ckpt, run.out_dir)
-        if cfg.checkpoint.export_torch and run.ckpt.latest_step() is not None:
-            saving.export_torch(run.ckpt, run.state, run.model_config, cfg, run.out_dir,
-                                run.run_log, write=run.main_process)
+        if run.ckpt.latest_step() is not None:
+            saving.export_models(run.ckpt, run.state, run.model_config, cfg, run.out_dir,
+                                 run.run_log, write=run.main_process)
     except CheckpointWriteError:
         run.run_log.close()
         raise  # without ckpt.close(): train.main ends the process (see CheckpointWriteError)

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from piano_gpt_jax import model_card
 from piano_gpt_jax.checkpoints import (
     AdamState,
     CheckpointError,
@@ -23,6 +24,7 @@ from piano_gpt_jax.checkpoints import (
     RunMeta,
     TrainCheckpointer,
 )
+from piano_gpt_jax.checkpoints.model_folder import save_model_folder
 from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.model import ModelConfig
@@ -68,33 +70,43 @@ def close_quietly(ckpt: TrainCheckpointer) -> None:
     ckpt.close()
 
 
-def export_torch(ckpt: TrainCheckpointer, state: dict, model_config: ModelConfig,
-                 cfg: TrainConfig, out_dir: Path, run_log: RunLog, write: bool = True) -> None:
-    """final.pt (the latest checkpoint) and best.pt, with their optimizer states. Every process
-    takes part (restoring and gathering sharded arrays are collective); `write` says whether
-    this one writes the files (process 0)."""
-    if importlib.util.find_spec("torch") is None:  # torch is an optional dependency
+def export_models(ckpt: TrainCheckpointer, state: dict, model_config: ModelConfig,
+                  cfg: TrainConfig, out_dir: Path, run_log: RunLog, write: bool = True) -> None:
+    """final.pt (the latest checkpoint) and best.pt with their optimizer states
+    (checkpoint.export_torch), and final/ and best/ model folders (checkpoint.export_safetensors).
+    Every process takes part (restoring and gathering sharded arrays are collective); `write`
+    says whether this one writes the files (process 0)."""
+    torch_wanted = cfg.checkpoint.export_torch
+    if torch_wanted and importlib.util.find_spec("torch") is None:  # an optional dependency
         run_log.note("skipping the .pt exports: torch is not installed (pip install "
                      "'piano-gpt-jax[torch]' to enable them)")
+        torch_wanted = False
+    if not (torch_wanted or cfg.checkpoint.export_safetensors):
         return
     written = []
-    steps = {"final.pt": ckpt.latest_step(), "best.pt": ckpt.best_step()}
+    steps = {"final": ckpt.latest_step(), "best": ckpt.best_step()}
     for name, step in steps.items():
         if step is None:
             continue
-        current = state if step == steps["final.pt"] else None  # else restore that step
+        current = state if step == steps["final"] else None  # else restore that step
         try:
             record = _exportable(ckpt, step, state, current, model_config, cfg)
-            if write:
-                written.append(save_torch_checkpoint(out_dir / name, record))
+            if not write:
+                continue
+            if torch_wanted:
+                written.append(save_torch_checkpoint(out_dir / f"{name}.pt", record))
+            if cfg.checkpoint.export_safetensors:
+                card = model_card.write_card(record, out_dir, name)
+                written.append(save_model_folder(record, out_dir / name, card, overwrite=True))
         except (CheckpointError, ValueError, OSError) as e:
             raise UsageError(
                 f"training finished and its checkpoints are complete, but exporting {name} "
                 f"failed ({e}); export by hand with python -m converters.jax_to_torch "
-                f"{out_dir} OUT.pt") from None
+                f"{out_dir} OUT.pt or python -m converters.export_hf {out_dir} OUT_DIR") from None
     if written:
-        run_log.note(f"exported {' and '.join(map(str, written))} (PyTorch reference layout, "
-                     "with optimizer state)")
+        run_log.note(f"exported {' and '.join(map(str, written))}"
+                     + (" (PyTorch reference layout, with optimizer state)" if torch_wanted
+                        else ""))
 
 
 def _exportable(ckpt: TrainCheckpointer, step: int, state_like: dict, state: dict | None,
