@@ -111,6 +111,7 @@ class OptimizerSection:
     grad_clip: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
+    eps: float = 1e-8  # AdamW's epsilon: torch.optim.AdamW's default, which piano-gpt keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +454,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
                 "dataset.augmentation.max_pitch_shift"):
         _positive(key, v[key], allow_zero=True)
     _positive("lr.learning_rate", v["lr.learning_rate"])
+    _positive("optimizer.eps", v["optimizer.eps"])
     if not 0.0 <= v["model.dropout"] < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {v['model.dropout']}.")
     for key in ("optimizer.beta1", "optimizer.beta2"):

@@ -6,13 +6,33 @@ counter: the first optimizer update uses `learning_rate / warmup_iters`, not 0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from piano_gpt_jax.config import OptimSettings
 
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which piano-gpt keeps
+
+@dataclasses.dataclass(frozen=True)
+class AdamWSettings:
+    """AdamW's hyper-parameters, read from the config in one place: the optimizer, the
+    checkpoint writers (`.pt` param groups, a restored AdamState) and init_optimizer's
+    comparison with a file's own all take them from here."""
+
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, s: OptimSettings) -> AdamWSettings:
+        o = s.optimizer
+        return cls(b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 def make_schedule(s: OptimSettings) -> optax.Schedule:
@@ -56,8 +76,8 @@ def make_optimizer(s: OptimSettings) -> optax.GradientTransformation:
     parts = []
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts.append(optax.adamw(learning_rate=make_schedule(s), b1=o.beta1, b2=o.beta2,
-                             eps=ADAM_EPS, weight_decay=o.weight_decay, mask=decay_mask))
+    parts.append(optax.adamw(learning_rate=make_schedule(s), mask=decay_mask,
+                             **AdamWSettings.of(s).as_dict()))
     return optax.MultiSteps(optax.chain(*parts), every_k_schedule=o.gradient_accumulation_steps)
 
 

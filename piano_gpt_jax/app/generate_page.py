@@ -240,16 +240,17 @@ def _sliced(raw: prompts.Prompt, model: models.LoadedModel) -> prompts.Prompt | 
 
 
 def request_controls(model: models.LoadedModel, prompt: prompts.Prompt | None) -> Request:
-    supported = set(generation.supported_tasks(model))
-    names = [CONTINUATION, *generation.task_names()]
+    trained = generation.supported_tasks(model)
+    supported = set(trained)
+    names = [CONTINUATION, *trained, *(n for n in generation.task_names() if n not in supported)]
     c1, c2, c3 = st.columns(3)
     task = c1.selectbox(
         "Task", names, key="gen_task",
         format_func=lambda n: n if n == CONTINUATION or n in supported
         else f"{n} (not in this model's vocabulary)",
         help=f"'continuation' goes on after the prompt; a PIANO task removes notes from the "
-             f"prompt and asks for them back. This model knows {len(supported)} of "
-             f"{len(names) - 1} tasks.")
+             f"prompt and asks for them back. This model knows {len(supported)} of the "
+             f"{len(names) - 1} tasks listed (its run's tasks first).")
     dataset_tokens = list(layouts.DATASET_TOKENS)
     composer_tokens = list(layouts.COMPOSER_TOKENS)
     d_default = prompt.dataset_token if prompt else layouts.FALLBACK_DATASET_TOKEN

@@ -105,10 +105,13 @@ def task_names() -> list[str]:
 
 
 def supported_tasks(model: LoadedModel) -> list[str]:
-    """Tasks whose prompt tokens this checkpoint's vocabulary holds (it was trained on them)."""
+    """The tasks this checkpoint was trained on (its run's `tasks`, whatever the set, custom
+    parameters included; the default set for a checkpoint that does not say) whose prompt
+    tokens its vocabulary holds."""
     if not model.has_tokens(["<GENAI>"]):
         return []
-    return [n for n in task_names() if model.has_tokens(list(resolve_task(n).prefix_tokens))]
+    candidates = model.trained_tasks or tuple(task_names())
+    return [n for n in candidates if model.has_tokens(list(resolve_task(n).prefix_tokens))]
 
 
 def build_prompt(model: LoadedModel, prompt: Prompt, request: Request) -> BuiltPrompt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from piano_gpt_jax.app import generation, models, prompts
@@ -112,3 +113,41 @@ def test_a_task_sample_is_scored_against_the_removed_notes(model):
     assert generation.scores(perfect, 0)["confusion metrics/weighted_f1"] == pytest.approx(1.0)
     continuation = generation.generate(model, prompt, generation.Request(max_new_tokens=4))
     assert generation.scores(continuation, 0) is None
+
+
+def test_an_empty_sample_says_why_in_plain_words():
+    from piano_gpt_jax.app.generate_page import _no_notes
+
+    one = generation.Sample(np.array([5]), prompts.frame(None), stopped=False)
+    assert _no_notes(0, one).endswith("its 1 token never closed a note.")
+    ended = generation.Sample(np.array([3, 1]), prompts.frame(None), stopped=True)
+    assert "the model ended it (<EOGENAI>) before closing one" in _no_notes(1, ended)
+
+
+def test_the_task_list_comes_from_the_checkpoint_not_the_default_set(tmp_path):
+    """A run trained on a task outside piano_default (high notes x 12) lists it; the app once
+    listed only the default set, so such a task never showed."""
+    import dataclasses
+
+    import jax
+
+    from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, save_model_checkpoint
+    from piano_gpt_jax.data.pipeline import build_tokenizer
+    from piano_gpt_jax.data.settings import DataSettings
+    from piano_gpt_jax.model import ModelConfig, init_params
+
+    tasks = ["high_notes_masking-x12", "top_line_masking-x1"]
+    tok = build_tokenizer(DataSettings(stage="piano_task", tasks=tasks, shard_index=0,
+                                       shard_count=1))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8,
+                      context_size=32)
+    save_model_checkpoint(tmp_path / "run", CheckpointRecord(
+        cfg, jax.device_get(init_params(cfg, jax.random.PRNGKey(0))), tok.to_dict(),
+        RunMeta(step=1, config={"stage": "piano_task", "tasks": tasks})))
+    model = models.load_model(tmp_path / "run")
+    assert generation.supported_tasks(model) == ["high_notes_masking-x12",
+                                                 "top_line_masking-x1"]
+    # a checkpoint that does not say: the default set's tasks whose tokens it has
+    untold = dataclasses.replace(model, trained_tasks=None)
+    assert set(generation.supported_tasks(untold)) == {"top_line_masking-x1",
+                                                        "high_notes_masking-x1"}

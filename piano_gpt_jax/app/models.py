@@ -21,6 +21,7 @@ from piano_gpt_jax.checkpoints import (
     is_model_folder,
     load_any_checkpoint,
 )
+from piano_gpt_jax.music.tasks import resolve_tasks
 
 CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
 
@@ -35,6 +36,7 @@ class LoadedModel:
     layout: str  # "annotated" or "plain" (music/layouts.py): this vocabulary's task prompts
     step: int | None
     notes_per_record: int | None = None  # of the run that trained it: the prompts it knows
+    trained_tasks: tuple[str, ...] | None = None  # its run's PIANO tasks, when it says
 
     def has_tokens(self, tokens: list[str] | tuple[str, ...]) -> bool:
         return all(t in self.tokenizer.token_to_id for t in tokens)
@@ -87,7 +89,17 @@ def load_model(path: str | Path) -> LoadedModel:
     return LoadedModel(str(path), record.model_config, record.params, tokenizer,
                        sampling.token_tables(tokenizer),
                        generate.prompt_layout_of(tokenizer), record.step,
-                       generate.trained_notes_per_record(record.meta))
+                       generate.trained_notes_per_record(record.meta), _trained_tasks(record))
+
+
+def _trained_tasks(record) -> tuple[str, ...] | None:
+    spec = (record.meta.config or {}).get("tasks")
+    if not spec:
+        return None
+    try:
+        return tuple(t.task_name for t in resolve_tasks(spec))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def cache_key(path: str | Path) -> tuple[str, float]:

@@ -74,3 +74,22 @@ def test_a_busy_port_is_said_and_another_taken():
 def test_only_loopback_names_unless_an_address_is_asked_for():
     assert launcher.allowed_hosts("localhost") == ["localhost", "127.0.0.1", "::1"]
     assert launcher.allowed_hosts("192.168.1.5")[-1] == "192.168.1.5"
+
+
+def test_a_busy_port_is_said_when_the_app_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "piano_gpt_jax.app", "--port", str(taken), "--runs",
+             str(tmp_path), "--out", str(tmp_path / "out")], cwd=REPO,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        try:
+            first, second = proc.stdout.readline(), proc.stdout.readline()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert first.startswith(f"port {taken} is in use") and "using " in first
+    assert "http://localhost:" in second and f":{taken} " not in second

@@ -41,7 +41,7 @@ from piano_gpt_jax.checkpoints.record import (
 from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
 from piano_gpt_jax.config import ConfigError, build_train_config
 from piano_gpt_jax.model import ModelConfig, init_params
-from piano_gpt_jax.optim import ADAM_EPS, adam_state, make_optimizer, schedule_lr
+from piano_gpt_jax.optim import AdamWSettings, adam_state, make_optimizer, schedule_lr
 from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.train_step import init_train_state
 
@@ -206,10 +206,9 @@ def _restore_adam(reader, step: int, record: CheckpointRecord, step_dir: Path) -
                                 f"({_first_line(e)})") from None
     adam, _ = adam_state(train["opt_state"])
     host = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
-    o = optim.optimizer
     return AdamState(count=int(adam.count), mu=host(adam.mu), nu=host(adam.nu),
-                     lr=schedule_lr(optim, record.meta.step), b1=o.beta1, b2=o.beta2,
-                     eps=ADAM_EPS, weight_decay=o.weight_decay)
+                     lr=schedule_lr(optim, record.meta.step),
+                     **AdamWSettings.of(optim).as_dict())
 
 
 def load_any_checkpoint(path: str | Path, with_optimizer: bool = False) -> CheckpointRecord:

@@ -16,6 +16,7 @@ piano-gpt ignores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -306,9 +307,11 @@ def _read_meta(ckpt: Mapping, path: Path) -> RunMeta:
         run_name=ckpt.get("run_name") or ckpt.get("wandb_run_name"), config=config,
         reference_run_config=jsonable(reference), wandb_id=ckpt.get("wandb_id"),
         source=str(path), extra=extra)
-    for name in ("val_losses", "n_devices", "prompt_layout", "wandb_ran"):
-        if name in ours:
-            setattr(meta, name, ours[name])
+    # Every other field of ours comes back as written (a field added to RunMeta travels through
+    # .pt files without being listed here); the configs are read above, `source` is this file.
+    for f in dataclasses.fields(RunMeta):
+        if f.name in ours and f.name not in ("config", "reference_run_config", "source"):
+            setattr(meta, f.name, ours[f.name])
     return meta
 
 

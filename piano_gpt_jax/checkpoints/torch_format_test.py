@@ -174,3 +174,44 @@ def test_missing_path_and_directory_are_refused(tmp_path):
         load_torch_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="is not a file"):
         load_torch_checkpoint(tmp_path)
+
+
+def test_every_run_meta_field_travels_through_pt_and_orbax(tmp_path):
+    """A field added to RunMeta reaches both formats and comes back (the .pt reader once listed
+    by hand which fields it read back). A new field must be given a value here, or this fails."""
+    import dataclasses
+
+    import jax
+
+    from piano_gpt_jax.checkpoints import (
+        CheckpointRecord,
+        RunMeta,
+        load_model_checkpoint,
+        save_model_checkpoint,
+    )
+    from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint, save_torch_checkpoint
+    from piano_gpt_jax.config import flatten
+    from piano_gpt_jax.model import ModelConfig, init_params
+
+    values = {"step": 7, "total_tokens": 1234, "train_loss": 2.5, "val_loss": 2.75,
+              "val_losses": {"full_val": 2.75, "bach": 3.0}, "best_val_loss": 2.25,
+              "running_mfu": 0.125, "run_name": "1M-every-field",
+              "config": {"optimizer": {"max_iters": 99}, "stage": "next_token_pretraining"},
+              "n_devices": 4, "prompt_layout": "plain", "wandb_id": "abc123",
+              "wandb_ran": True, "reference_run_config": None, "source": "somewhere.pt",
+              "extra": {"note": "kept"}}
+    assert set(values) == {f.name for f in dataclasses.fields(RunMeta)}
+    cfg = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=8, context_size=16)
+    record = CheckpointRecord(cfg, jax.device_get(init_params(cfg, jax.random.PRNGKey(0))),
+                              None, RunMeta(**values))
+    pt = load_torch_checkpoint(save_torch_checkpoint(tmp_path / "m.pt", record)).meta
+    orbax = load_model_checkpoint(save_model_checkpoint(tmp_path / "run", record)).meta
+    for meta, where in ((pt, ".pt"), (orbax, "orbax")):
+        for name, value in values.items():
+            got = getattr(meta, name)
+            if name == "config":  # completed with every default, the weights' model section
+                assert flatten(value).items() <= flatten(got).items(), where
+            elif name == "source" and where == ".pt":
+                assert got == str(tmp_path / "m.pt")  # where it was read from
+            else:
+                assert got == value, (where, name, got)

@@ -28,7 +28,7 @@ from piano_gpt_jax.checkpoints.model_folder import save_model_folder
 from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.optim import ADAM_EPS, adam_state, schedule_lr
+from piano_gpt_jax.optim import AdamWSettings, adam_state, schedule_lr
 from piano_gpt_jax.run_log import RunLog
 from piano_gpt_jax.sharding import to_host
 from piano_gpt_jax.training.errors import CheckpointWriteError, UsageError
@@ -122,9 +122,8 @@ def _exportable(ckpt: TrainCheckpointer, step: int, state_like: dict, state: dic
     adam, _ = adam_state(host["opt_state"])
     f32 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
     optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),
-                          lr=schedule_lr(cfg.optim, run_meta.step), b1=cfg.optimizer.beta1,
-                          b2=cfg.optimizer.beta2, eps=ADAM_EPS,
-                          weight_decay=cfg.optimizer.weight_decay)
+                          lr=schedule_lr(cfg.optim, run_meta.step),
+                          **AdamWSettings.of(cfg.optim).as_dict())
     # Export the architecture only: the compute dtype / embedding style are runtime choices.
     arch = dataclasses.replace(model_config, dtype="float32", one_hot_embedding=False,
                                attention="auto", remat=False)

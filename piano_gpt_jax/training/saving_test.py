@@ -26,7 +26,8 @@ MODEL = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=8, context_size=1
 
 
 def test_the_exported_exp_avg_and_exp_avg_sq_are_our_first_and_second_moments(tmp_path):
-    cfg = build_train_config({"optimizer": {"grad_clip": 0.0, "beta1": 0.8, "beta2": 0.9}})
+    cfg = build_train_config({"optimizer": {"grad_clip": 0.0, "beta1": 0.8, "beta2": 0.9,
+                                            "eps": 1e-7}})
     tx = make_optimizer(cfg.optim)
     params = init_params(MODEL, jax.random.PRNGKey(0))
     leaves, tree = jax.tree_util.tree_flatten(params)
@@ -52,7 +53,8 @@ def test_the_exported_exp_avg_and_exp_avg_sq_are_our_first_and_second_moments(tm
                                    rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(s["exp_avg_sq"].numpy(),
                                    sd_lib.to_torch_layout(e, 0.1 * g * g), rtol=1e-5, atol=1e-9)
-    assert exported["param_groups"][0]["eps"] == 1e-8
+    group = exported["param_groups"][0]  # the config's AdamW settings, not constants
+    assert (group["betas"], group["eps"]) == ((0.8, 0.9), 1e-7)
 
 
 def test_adams_eps_is_torchs_default():
@@ -64,6 +66,13 @@ def test_adams_eps_is_torchs_default():
     updates, _ = tx.update({"b": jnp.full((3,), 1e-8)}, tx.init(params), params)
     np.testing.assert_allclose(optax.apply_updates(params, updates)["b"],
                                1 - cfg.lr.learning_rate / 2, rtol=1e-6)
+    # optimizer.eps is a config key: eps 1e-2 shrinks the same update 10^6-fold
+    wide = build_train_config({"optimizer": {"grad_clip": 0.0, "eps": 1e-2},
+                               "lr": {"decay_lr": False}})
+    tx = make_optimizer(wide.optim)
+    updates, _ = tx.update({"b": jnp.full((3,), 1e-8)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["b"], -wide.lr.learning_rate * 1e-8 / (1e-8 + 1e-2),
+                               rtol=1e-5)
 
 
 def test_a_resumed_run_reads_the_batch_the_uninterrupted_run_reads_next(maestro_dataset,

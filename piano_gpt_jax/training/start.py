@@ -29,7 +29,7 @@ from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.model import ModelConfig, init_params
-from piano_gpt_jax.optim import ADAM_EPS, lr_at, with_adam_state
+from piano_gpt_jax.optim import AdamWSettings, lr_at, with_adam_state
 from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.sharding import check_batch_divisible, make_mesh, place, tree_shardings
 from piano_gpt_jax.train_step import init_train_state, shard_batch
@@ -285,11 +285,10 @@ def _continue_optimizer(state: dict, init: CheckpointRecord, cfg: TrainConfig) -
 
 def optimizer_differences(adam, cfg: TrainConfig) -> str | None:
     """init_optimizer keeps our config's hyper-parameters; a note on where the file's differ."""
-    ours = {"beta1": cfg.optimizer.beta1, "beta2": cfg.optimizer.beta2,
-            "weight_decay": cfg.optimizer.weight_decay, "eps": ADAM_EPS}
-    theirs = {"beta1": adam.b1, "beta2": adam.b2, "weight_decay": adam.weight_decay,
-              "eps": adam.eps}
-    diffs = [f"{k} {theirs[k]:g} -> {ours[k]:g}" for k in ours
+    ours = AdamWSettings.of(cfg.optim).as_dict()
+    theirs = {k: getattr(adam, k) for k in ours}
+    names = {"b1": "beta1", "b2": "beta2"}  # as the config names them
+    diffs = [f"{names.get(k, k)} {theirs[k]:g} -> {ours[k]:g}" for k in ours
              if not math.isclose(ours[k], theirs[k], rel_tol=1e-6)]
     if diffs:
         return "init_optimizer: continuing with this config's " + ", ".join(diffs)
