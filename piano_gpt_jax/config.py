@@ -320,12 +320,17 @@ def set_dotted(nested: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str
     return nested
 
 
+def _fill_derived_defaults(flat: dict[str, Any]) -> None:
+    """Defaults that follow another key: lr.lr_decay_iters None decays over the whole run."""
+    if flat["lr.lr_decay_iters"] is None:
+        flat["lr.lr_decay_iters"] = flat["optimizer.max_iters"]
+
+
 def complete(nested: Mapping[str, Any]) -> dict[str, Any]:
     """A nested config with every schema key, defaults filling what `nested` lacks."""
     flat = {key: default for key, (_, default) in SCHEMA.items()}
     flat.update({k: v for k, v in flatten(nested).items() if k in SCHEMA})
-    if flat["lr.lr_decay_iters"] is None:
-        flat["lr.lr_decay_iters"] = flat["optimizer.max_iters"]
+    _fill_derived_defaults(flat)
     return nest({k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()})
 
 
@@ -447,8 +452,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
                 "nonfinite_patience", "ddp.timeout_s",
                 "tokenizer.n_velocity_bins", "tokenizer.n_special_ids"):
         _positive(key, v[key])
-    if v["lr.lr_decay_iters"] is None:  # decay over the whole run unless told otherwise
-        v["lr.lr_decay_iters"] = v["optimizer.max_iters"]
+    _fill_derived_defaults(v)
     for key in ("lr.warmup_iters", "lr.lr_decay_iters", "optimizer.weight_decay",
                 "optimizer.grad_clip", "lr.min_lr", "system.data_workers",
                 "dataset.augmentation.max_pitch_shift"):

@@ -20,10 +20,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from piano_gpt_jax.config import PARAM_SHARDINGS  # noqa: F401 — declared with the config key
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
-PARAM_SHARDINGS = ("none", "fsdp")
 
 
 def make_mesh(devices=None, param_sharding: str = "none") -> Mesh:

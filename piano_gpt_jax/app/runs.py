@@ -10,7 +10,6 @@ instead of restoring a checkpoint, so listing runs never loads parameters.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
-from piano_gpt_jax.checkpoints.record import RunMeta
+from piano_gpt_jax.checkpoints.record import RunMeta, finite_or_none
 from piano_gpt_jax.checkpoints.run_dir import BEST_SUBDIR, CHECKPOINTS_SUBDIR, holds_checkpoints
 from piano_gpt_jax.config import ConfigError, build_train_config, flatten
 from piano_gpt_jax.optim import make_schedule
@@ -153,7 +152,7 @@ def flat_config(config: dict) -> dict[str, Any]:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return finite_or_none(value) is not None
 
 
 def loss_curves(runs: list[Run]) -> pd.DataFrame:

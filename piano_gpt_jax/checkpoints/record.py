@@ -40,12 +40,20 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=repr))
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """`value` as a float when it is one finite number (a Python or NumPy number, a one-element
+    tensor), else None: how every checkpoint reader takes losses and counters."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        value = getattr(value, "item", lambda: None)()
+        try:
+            value = value.item()
+        except (AttributeError, ValueError, RuntimeError, TypeError):
+            return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+_finite = finite_or_none
 
 
 @dataclasses.dataclass

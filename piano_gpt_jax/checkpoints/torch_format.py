@@ -17,7 +17,6 @@ piano-gpt ignores.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pickle
 import re
@@ -38,6 +37,7 @@ from piano_gpt_jax.checkpoints.record import (
     AdamState,
     CheckpointRecord,
     RunMeta,
+    finite_or_none,
     jsonable,
 )
 from piano_gpt_jax.checkpoints.run_config import export_run_config, split_run_config
@@ -295,15 +295,16 @@ def _read_meta(ckpt: Mapping, path: Path) -> RunMeta:
     else:
         step, tokens = ckpt.get("iter_num"), ckpt.get("total_tokens")
         best, mfu = ckpt.get("best_val_loss"), -1.0
-    best = _finite(best)
+    best = finite_or_none(best)
     ours = jsonable(ckpt.get(META_KEY)) if isinstance(ckpt.get(META_KEY), Mapping) else {}
     extra = {k: jsonable(ckpt[k]) for k in ("wandb", "wandb_run_name", "piano_tasks_config")
              if k in ckpt}
     meta = RunMeta(
-        step=int(_finite(step) or 0), total_tokens=int(_finite(tokens) or 0),
-        train_loss=_finite(ckpt.get("train_loss")), val_loss=_finite(ckpt.get("val_loss")),
+        step=int(finite_or_none(step) or 0), total_tokens=int(finite_or_none(tokens) or 0),
+        train_loss=finite_or_none(ckpt.get("train_loss")),
+        val_loss=finite_or_none(ckpt.get("val_loss")),
         best_val_loss=None if best is None or best >= _BEST_UNSET else best,
-        running_mfu=_finite(mfu) if _finite(mfu) is not None else -1.0,
+        running_mfu=finite_or_none(mfu) if finite_or_none(mfu) is not None else -1.0,
         run_name=ckpt.get("run_name") or ckpt.get("wandb_run_name"), config=config,
         reference_run_config=jsonable(reference), wandb_id=ckpt.get("wandb_id"),
         source=str(path), extra=extra)
@@ -313,14 +314,6 @@ def _read_meta(ckpt: Mapping, path: Path) -> RunMeta:
         if f.name in ours and f.name not in ("config", "reference_run_config", "source"):
             setattr(meta, f.name, ours[f.name])
     return meta
-
-
-def _finite(value: Any) -> float | None:
-    if _is_tensor(value):
-        value = value.item() if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 def _check_vocab(path: Path, tokenizer_desc: Any, vocab_size: int) -> None:
