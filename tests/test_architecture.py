@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("piano_gpt_jax", "converters")
 
-# Imports allowed inside functions, each for a stated reason: optional at install time (torch,
-# omegaconf, wandb, streamlit, music21, symusic, mido), must be configured before import
-# (matplotlib needs the Agg backend first), or needed by one rare path only (tqdm for a MIDI
-# import's progress bar, numpy._core for the stubs that read torch pickles without running code).
-LAZY_ALLOWED = {
-    "torch", "omegaconf", "wandb", "streamlit", "matplotlib", "music21", "symusic", "mido", "tqdm",
-    "numpy._core", "warnings",
-}
+def _optional_dependencies() -> set[str]:
+    """Import names of pyproject.toml's extras: the one list of optional dependencies."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    names = {re.split(r"[\[<>=!~ ;]", req, maxsplit=1)[0].lower().replace("-", "_")
+             for reqs in extras.values() for req in reqs}
+    return names - {"jax"}  # jax[cuda12] adds a backend to a core dependency
+
+
+# Imports allowed inside functions, each for a stated reason: optional at install time (the
+# extras of pyproject.toml), must be configured before import (matplotlib needs the Agg backend
+# first), or heavy and needed by a few paths only (music21 for the built-in corpus, symusic and
+# mido for MIDI files, tqdm for progress bars, numpy._core for the stubs that read torch pickles
+# without running code).
+LAZY_ALLOWED = _optional_dependencies() | {
+    "matplotlib", "music21", "symusic", "mido", "tqdm", "numpy._core", "warnings"}
 # Files outside the rule: command-line edges (late imports keep `--help` fast) and tests, which may
 # import what one test needs inside it.
 CLI_EDGE_NAMES = {"__main__.py", "conftest.py"}
@@ -248,3 +259,9 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
     failed = json.loads(result.stdout.strip().splitlines()[-1])
     assert not failed, "\n".join(f"{name}:\n{trace}" for name, trace in failed.items())
+
+
+def test_the_optional_dependencies_are_pyprojects_extras():
+    """torch, omegaconf, wandb, streamlit: each lazily imported library that is optional at
+    install time comes from pyproject.toml, not from a second list here."""
+    assert {"torch", "omegaconf", "wandb", "streamlit", "selenium"} <= _optional_dependencies()
