@@ -33,6 +33,7 @@ from piano_gpt_jax.checkpoints import is_model_folder, load_any_checkpoint, reso
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.model import ModelConfig
+from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
 
 EVAL_BATCH = 16  # prompts decoded together
@@ -118,7 +119,7 @@ def piano_task_refusal(record) -> str | None:
         return ("it was trained for next-token prediction (stage next_token_pretraining); "
                 "PIANO-task metrics need a checkpoint trained on PIANO tasks (stage piano_task)")
     vocab = ExponentialTimeTokenizer.from_dict(record.tokenizer_desc).token_to_id
-    if "<GENAI>" not in vocab:
+    if layouts.GENAI not in vocab:
         return ("its vocabulary has no <GENAI> token, so it was never trained on PIANO-task "
                 "prompts; evaluate a piano_task checkpoint")
     return None

@@ -131,6 +131,6 @@ def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_n
                                     layouts.composer_token(source), layout)
     except GenerateError as e:
         raise AppError(str(e)) from None
-    end = 1 if layout == "annotated" and "<EOGENAI>" in tokenizer.token_to_id else 0
+    end = 1 if layout == layouts.ANNOTATED and layouts.EOGENAI in tokenizer.token_to_id else 0
     return TaskView(frame(src), frame(tgt), int(len(ids)), int(len(tokenizer.encode(tgt))) + end,
                     int(context_size))

@@ -31,6 +31,7 @@ from piano_gpt_jax.generate import (
     resolve_task,
     task_prompt,
 )
+from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.midi import write_midi
 from piano_gpt_jax.music.tasks import resolve_tasks
 from piano_gpt_jax.sampling import SamplingSettings
@@ -108,7 +109,7 @@ def supported_tasks(model: LoadedModel) -> list[str]:
     """The tasks this checkpoint was trained on (its run's `tasks`, whatever the set, custom
     parameters included; the default set for a checkpoint that does not say) whose prompt
     tokens its vocabulary holds."""
-    if not model.has_tokens(["<GENAI>"]):
+    if not model.has_tokens([layouts.GENAI]):
         return []
     candidates = model.trained_tasks or tuple(task_names())
     return [n for n in candidates if model.has_tokens(list(resolve_task(n).prefix_tokens))]
