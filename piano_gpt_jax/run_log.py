@@ -26,26 +26,39 @@ WALL_CLOCK_KEYS = ("tokens_per_s", "step_time_s", "mfu", "data_share")
 WALL_CLOCK_EVENTS = ("startup",)
 
 
-def read_events(path: str | Path, reproducible: bool = False) -> list[dict[str, Any]]:
-    """The events of a `metrics.jsonl` (a missing file has none; a line torn by a kill is
-    skipped). `reproducible=True` leaves out WALL_CLOCK_KEYS and WALL_CLOCK_EVENTS."""
+def read_log(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """(events in file order, lines that are not an event): the one reader of `metrics.jsonl`.
+    A missing file has none; a line torn by a kill, or anything but a JSON object with a
+    numeric step, is counted, not returned. Invalid bytes read as U+FFFD."""
     path = Path(path)
-    if not path.exists():
-        return []
-    found = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return [], 0
+    found, torn = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
+            torn += 1
             continue
-        if not isinstance(event, dict):
-            continue
-        if reproducible:
-            if event.get("event") in WALL_CLOCK_EVENTS:
-                continue
-            event = {k: v for k, v in event.items() if k not in WALL_CLOCK_KEYS}
-        found.append(event)
-    return found
+        if isinstance(event, dict) and isinstance(event.get("step"), (int, float)):
+            found.append(event)
+        else:
+            torn += 1
+    return found, torn
+
+
+def read_events(path: str | Path, reproducible: bool = False) -> list[dict[str, Any]]:
+    """The events of a `metrics.jsonl` (read_log). `reproducible=True` leaves out
+    WALL_CLOCK_KEYS and WALL_CLOCK_EVENTS."""
+    found, _ = read_log(path)
+    if not reproducible:
+        return found
+    return [{k: v for k, v in event.items() if k not in WALL_CLOCK_KEYS} for event in found
+            if event.get("event") not in WALL_CLOCK_EVENTS]
 
 # Dense bf16 peak FLOP/s per accelerator (substring of jax's device_kind, first match wins).
 PEAK_FLOPS = (

@@ -22,8 +22,8 @@ from piano_gpt_jax.checkpoints.record import RunMeta, finite_or_none
 from piano_gpt_jax.checkpoints.run_dir import BEST_SUBDIR, CHECKPOINTS_SUBDIR, holds_checkpoints
 from piano_gpt_jax.config import ConfigError, build_train_config, flatten
 from piano_gpt_jax.optim import make_schedule
+from piano_gpt_jax.run_log import METRICS_FILE, read_log
 
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
 EXPORT_SUFFIXES = (".pt",)
 
@@ -60,25 +60,8 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """(events in file order, number of unreadable lines)."""
-    events, torn = [], 0
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        if isinstance(value, dict) and isinstance(value.get("step"), (int, float)):
-            events.append(value)
-        else:
-            torn += 1
-    return events, torn
+    """(events in file order, number of unreadable lines): run_log.read_log."""
+    return read_log(path)
 
 
 def latest_meta(run_dir: Path) -> tuple[dict | None, Path | None]:
