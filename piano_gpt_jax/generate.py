@@ -58,10 +58,7 @@ def crop_notes(notes: Any, seconds: float | None, max_notes: int | None) -> pd.D
         df = df[df["start"] - df["start"].min() < seconds] if len(df) else df
     if max_notes is not None:
         df = df.iloc[:max_notes]
-    if len(df):
-        t0 = float(df["start"].min())
-        df = df.assign(start=df["start"] - t0, end=df["end"] - t0)
-    return df.reset_index(drop=True)
+    return pieces.shift_to_zero(df).reset_index(drop=True)
 
 
 def _in_vocab(tokenizer, token: str) -> str | None:

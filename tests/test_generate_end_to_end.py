@@ -110,7 +110,7 @@ def test_continuation_samples_and_refusals(setup, capsys):
     with pytest.raises(SystemExit, match="cannot load checkpoint"):
         generate.main(["--checkpoint", str(tmp / "missing"), "--out", str(tmp / "x"),
                        "--prompt-midi", str(setup["midi"])])
-    with pytest.raises(SystemExit, match="not a .pt"):
+    with pytest.raises(SystemExit, match="neither a .pt file nor a model folder"):
         tg.main(["--checkpoint", str(setup["run_dir"]), "--out", str(tmp / "x"),
                  "--prompt-midi", str(setup["midi"])])
 

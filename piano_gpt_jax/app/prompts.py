@@ -88,10 +88,7 @@ def slice_notes(notes: pd.DataFrame, mode: str, first: float, last: float) -> pd
     else:
         t = df["start"] - (df["start"].min() if len(df) else 0.0)
         df = df[(t >= first) & (t < last)]
-    if len(df):
-        t0 = float(df["start"].min())
-        df = df.assign(start=df["start"] - t0, end=df["end"] - t0)
-    return df.reset_index(drop=True)
+    return pieces.shift_to_zero(df).reset_index(drop=True)
 
 
 def transform(notes: pd.DataFrame, pitch_shift: int = 0, speed: float = 1.0) -> pd.DataFrame:

@@ -148,7 +148,14 @@ def select(notes: Notes, index: Any) -> Notes:
     return {k: v[index] for k, v in notes.items()}
 
 
-def shift_to_zero(notes: Notes) -> Notes:
+def shift_to_zero(notes: Any) -> Any:
+    """The piece moved in time so its first note starts at 0; a DataFrame stays a DataFrame
+    (the one implementation for pieces, prompts and the app's slices)."""
+    if isinstance(notes, pd.DataFrame):
+        if len(notes) == 0:
+            return notes.copy()
+        t0 = float(notes["start"].min())
+        return notes.assign(start=notes["start"] - t0, end=notes["end"] - t0)
     if n_notes(notes) == 0:
         return dict(notes)
     t0 = notes["start"].min()
