@@ -38,50 +38,63 @@ ATTENTIONS = ("auto", "einsum", "xla", "cudnn")
 PARAM_SHARDINGS = ("none", "fsdp")
 SCRATCH = "scratch_next_token"
 
+# A key's rule is declared with the key (field metadata), so a new key and its check live in
+# one line; `_check_rules` applies them: choices first, then ranges.
+POSITIVE, NON_NEGATIVE, UNIT_INTERVAL = "positive", "non-negative", "in [0, 1)"
+
+
+def _ruled(default: Any, rule: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def _choice(default: str, choices: Any) -> Any:
+    return _ruled(default, ("one of", choices))
+
 
 # ------------------------------------------------------------------------------ the declaration
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    n_layer: int = _ruled(12, POSITIVE)
+    n_head: int = _ruled(12, POSITIVE)
+    n_embd: int = _ruled(768, POSITIVE)
+    dropout: float = _ruled(0.0, UNIT_INTERVAL)
     bias: bool = False
-    context_size: int = 2048
+    context_size: int = _ruled(2048, POSITIVE)
     use_time_embedding: bool = False  # the music-time embedding (piano-gpt HEAD's wmte)
     one_hot_embedding: bool | None = None  # None = False: gather the token rows
-    attention: str = "auto"  # auto | einsum | xla | cudnn
+    attention: str = _choice("auto", ATTENTIONS)
     remat: bool = False  # recompute block activations in the backward pass
 
 
 @dataclasses.dataclass(frozen=True)
 class SystemSection:
     device: str = "gpu"  # cpu | gpu | cuda | tpu
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (dynamic loss scaling)
+    dtype: str = _choice("bfloat16", DTYPES)  # float16: with dynamic loss scaling
     compile: bool = True  # False runs the step without jit (debugging)
-    data_workers: int = 0  # Grain worker processes (0 = in-process)
-    param_sharding: str = "none"  # none (data parallel) | fsdp
+    data_workers: int = _ruled(0, NON_NEGATIVE)  # Grain worker processes (0 = in-process)
+    param_sharding: str = _choice("none", PARAM_SHARDINGS)  # none = data parallel
 
 
 @dataclasses.dataclass(frozen=True)
 class DdpSection:
-    backend: str = "auto"  # auto | jax_distributed | none (nccl/gloo = auto)
-    timeout_s: int = 300  # how long a process waits for the job's coordinator at start
+    backend: str = _choice("auto", DDP_BACKENDS)  # nccl/gloo = auto
+    # how long a process waits for the job's coordinator at start
+    timeout_s: int = _ruled(300, POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    batch_size: int = 32  # global micro-batch (all devices of all processes)
-    context_size: int = 2048
-    notes_per_record: int = 128
+    batch_size: int = _ruled(32, POSITIVE)  # global micro-batch (all devices of all processes)
+    context_size: int = _ruled(2048, POSITIVE)
+    notes_per_record: int = _ruled(128, POSITIVE)
     eval_splits: str | tuple[str, ...] = "auto"  # "auto" = full_val + composer splits present
-    prompt_layout: str = "auto"  # auto | annotated | plain (head | f37ac14: old names)
+    prompt_layout: str = _choice("auto", PROMPT_LAYOUTS)  # head | f37ac14: old names
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentationSection:
     speed_change_factors: tuple[float, ...] = ()
-    max_pitch_shift: int = 0
+    max_pitch_shift: int = _ruled(0, NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,33 +112,36 @@ class DatasetSection:
 class TokenizerSection:
     time_unit: float = 0.01
     max_time_step: float = 1.0
-    n_velocity_bins: int = 32
-    n_special_ids: int = 2048  # the reference HEAD value; 1024 cannot hold all prefix tokens
+    n_velocity_bins: int = _ruled(32, POSITIVE)
+    # the reference HEAD value; 1024 cannot hold all prefix tokens
+    n_special_ids: int = _ruled(2048, POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSection:
-    gradient_accumulation_steps: int = 1  # global batch = data.batch_size x this
-    max_iters: int = 100_000  # optimizer updates
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8  # AdamW's epsilon: torch.optim.AdamW's default, which piano-gpt keeps
+    gradient_accumulation_steps: int = _ruled(1, POSITIVE)  # global batch = data.batch_size x this
+    max_iters: int = _ruled(100_000, POSITIVE)  # optimizer updates
+    weight_decay: float = _ruled(0.1, NON_NEGATIVE)
+    grad_clip: float = _ruled(1.0, NON_NEGATIVE)
+    beta1: float = _ruled(0.9, UNIT_INTERVAL)
+    beta2: float = _ruled(0.95, UNIT_INTERVAL)
+    # AdamW's epsilon: torch.optim.AdamW's default, which piano-gpt keeps
+    eps: float = _ruled(1e-8, POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class LrSection:
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_iters: int = 1000
+    learning_rate: float = _ruled(3e-4, POSITIVE)
+    min_lr: float = _ruled(3e-5, NON_NEGATIVE)
+    warmup_iters: int = _ruled(1000, NON_NEGATIVE)
     decay_lr: bool = True
-    lr_decay_iters: int | None = None  # None = optimizer.max_iters
+    lr_decay_iters: int | None = _ruled(None, NON_NEGATIVE)  # None = optimizer.max_iters
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    keep_last: int = 3  # recent checkpoints kept (the best by validation loss is kept too)
+    # recent checkpoints kept (the best by validation loss is kept too)
+    keep_last: int = _ruled(3, POSITIVE)
     export_torch: bool = True  # write best.pt and final.pt in out_dir
     # also write best/ and final/ model folders (safetensors weights, config.json,
     # tokenizer.json, a model card): weights anyone can load without unpickling
@@ -137,7 +153,7 @@ class LoggingSection:
     wandb_log: bool = False
     wandb_project: str = "piano-gpt-jax"
     wandb_entity: str | None = None
-    log_interval: int = 20
+    log_interval: int = _ruled(20, POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +163,10 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     seed: int = 1337
-    stage: str = "piano_task"  # or next_token_pretraining
+    stage: str = _choice("piano_task", STAGES)
     init_from: str = SCRATCH  # or a run directory of ours, or a PyTorch .pt
     init_optimizer: bool = False  # init_from's AdamW state, step and tokens continue
-    loss_masking: str = "pretraining"  # or finetuning: loss only after <GENAI>
+    loss_masking: str = _choice("pretraining", LOSS_MASKINGS)  # finetuning: after <GENAI>
     tasks: str | tuple[str, ...] = "piano_default"  # a task-set name or task names
     model: ModelSection = ModelSection()
     system: SystemSection = SystemSection()
@@ -160,13 +176,14 @@ class TrainConfig:
     tokenizer: TokenizerSection = TokenizerSection()
     optimizer: OptimizerSection = OptimizerSection()
     lr: LrSection = LrSection()
-    eval_interval: int = 1000
-    eval_iters: int = 50
+    eval_interval: int = _ruled(1000, POSITIVE)
+    eval_iters: int = _ruled(50, POSITIVE)
     eval_only: bool = False
     eval_metrics: bool = False  # eval_only: also generate and score PIANO-task metrics
-    eval_examples: int = 16  # examples per split for eval_metrics
+    eval_examples: int = _ruled(16, POSITIVE)  # examples per split for eval_metrics
     overwrite: bool = False  # a new run may move an earlier run's outputs in out_dir aside
-    nonfinite_patience: int = 10  # stop after this many updates in a row with a NaN/inf loss
+    # stop after this many updates in a row with a NaN/inf loss
+    nonfinite_patience: int = _ruled(10, POSITIVE)
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
 
@@ -428,41 +445,39 @@ def build_train_config(cfg: Any) -> TrainConfig:
     return _build(TrainConfig, raw)
 
 
+def _rules(cls: type, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: rule} from the fields' declarations."""
+    found: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_rules(hints[f.name], f"{prefix}{f.name}."))
+        elif "rule" in f.metadata:
+            found[f"{prefix}{f.name}"] = f.metadata["rule"]
+    return found
+
+
+RULES: dict[str, Any] = _rules(TrainConfig)
+
+
 def _check_choices(v: dict[str, Any]) -> None:
-    _one_of("stage", v["stage"], STAGES)
-    _one_of("loss_masking", v["loss_masking"], LOSS_MASKINGS)
-    _one_of("data.prompt_layout", v["data.prompt_layout"], PROMPT_LAYOUTS)
+    for key, rule in RULES.items():
+        if isinstance(rule, tuple) and rule[0] == "one of":
+            _one_of(key, v[key], rule[1])
     layout = v["data.prompt_layout"]
     v["data.prompt_layout"] = layouts.LAYOUT_ALIASES.get(layout, layout)
-    _one_of("system.dtype", v["system.dtype"], DTYPES)
-    _one_of("system.param_sharding", v["system.param_sharding"], PARAM_SHARDINGS)
-    _one_of("model.attention", v["model.attention"], ATTENTIONS)
     device = v["system.device"].split(":", 1)[0]
     if device not in DEVICES:
         raise ConfigError(f"system.device = {v['system.device']!r} is not supported by JAX; choose "
                           f"one of {sorted(DEVICES)} (pick a GPU with CUDA_VISIBLE_DEVICES).")
-    _one_of("ddp.backend", v["ddp.backend"], DDP_BACKENDS)
 
 
 def _check_ranges(v: dict[str, Any]) -> None:
-    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.context_size",
-                "data.batch_size", "data.context_size", "data.notes_per_record",
-                "optimizer.gradient_accumulation_steps", "optimizer.max_iters", "eval_interval",
-                "eval_iters", "logging.log_interval", "checkpoint.keep_last", "eval_examples",
-                "nonfinite_patience", "ddp.timeout_s",
-                "tokenizer.n_velocity_bins", "tokenizer.n_special_ids"):
-        _positive(key, v[key])
     _fill_derived_defaults(v)
-    for key in ("lr.warmup_iters", "lr.lr_decay_iters", "optimizer.weight_decay",
-                "optimizer.grad_clip", "lr.min_lr", "system.data_workers",
-                "dataset.augmentation.max_pitch_shift"):
-        _positive(key, v[key], allow_zero=True)
-    _positive("lr.learning_rate", v["lr.learning_rate"])
-    _positive("optimizer.eps", v["optimizer.eps"])
-    if not 0.0 <= v["model.dropout"] < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {v['model.dropout']}.")
-    for key in ("optimizer.beta1", "optimizer.beta2"):
-        if not 0.0 <= v[key] < 1.0:
+    for key, rule in RULES.items():
+        if rule in (POSITIVE, NON_NEGATIVE):
+            _positive(key, v[key], allow_zero=rule == NON_NEGATIVE)
+        elif rule == UNIT_INTERVAL and not 0.0 <= v[key] < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {v[key]}.")
 
 

@@ -70,7 +70,7 @@ MUTATIONS = (
              ("tests/test_upstream_oracle.py", "converters/torch_model_test.py")),
     # optimizer, schedule, accumulation, precision
     Mutation("Adam eps 1e-6", "piano_gpt_jax/config.py",
-             "    eps: float = 1e-8  # AdamW's epsilon", "    eps: float = 1e-6  # MUTATION",
+             "    eps: float = _ruled(1e-8, POSITIVE)", "    eps: float = _ruled(1e-6, POSITIVE)",
              ("piano_gpt_jax/training/saving_test.py",)),
     Mutation("weight decay on vectors too", "piano_gpt_jax/optim.py",
              "    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)\n",

@@ -19,12 +19,11 @@ import pandas as pd
 
 from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import RunMeta, finite_or_none
-from piano_gpt_jax.checkpoints.run_dir import BEST_SUBDIR, CHECKPOINTS_SUBDIR, holds_checkpoints
+from piano_gpt_jax.checkpoints.run_dir import holds_checkpoints, newest_meta
 from piano_gpt_jax.config import ConfigError, build_train_config, flatten
 from piano_gpt_jax.optim import make_schedule
 from piano_gpt_jax.run_log import METRICS_FILE, read_log
 
-CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
 EXPORT_SUFFIXES = (".pt",)
 
 
@@ -65,22 +64,10 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 
 def latest_meta(run_dir: Path) -> tuple[dict | None, Path | None]:
-    """The JSON meta of the newest checkpoint step (checkpoints/ first, then best/)."""
-    for sub in CHECKPOINT_SUBDIRS:
-        d = run_dir / sub
-        if not d.is_dir():
-            continue
-        steps = sorted((p for p in d.iterdir() if p.name.isdigit()), key=lambda p: int(p.name),
-                       reverse=True)
-        for step_dir in steps:
-            meta_file = step_dir / "meta" / "metadata"
-            try:
-                meta = json.loads(meta_file.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(meta, dict):
-                return meta, meta_file
-    return None, None
+    """The meta item of the newest checkpoint step and its file (checkpoints/run_dir.py reads
+    it, through orbax, as every tool does)."""
+    meta, step_dir = newest_meta(run_dir)
+    return meta, (step_dir / "meta" if step_dir is not None else None)
 
 
 def find_config(run_dir: Path) -> tuple[dict | None, str | None]:

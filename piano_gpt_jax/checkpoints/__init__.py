@@ -22,6 +22,7 @@ from piano_gpt_jax.checkpoints.run_dir import (
     holds_checkpoints,
     load_any_checkpoint,
     load_model_checkpoint,
+    newest_meta,
     resolve_step_dir,
     save_model_checkpoint,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "load_any_checkpoint",
     "load_model_checkpoint",
     "load_model_folder",
+    "newest_meta",
     "resolve_step_dir",
     "save_model_checkpoint",
     "save_model_folder",

@@ -122,6 +122,25 @@ def load_model_checkpoint(path: str | Path, with_optimizer: bool = False,
     raise CheckpointError(f"{path}: no checkpoint in it can be read ({skipped[0]})")
 
 
+def newest_meta(run_dir: str | Path) -> tuple[dict | None, Path | None]:
+    """(the `meta` item, its step directory) of the newest step that reads (checkpoints/, then
+    an older run's best/); (None, None) when none does. Read-only, for tools that only show a
+    run (the app): no manager, nothing moved aside."""
+    for sub in (CHECKPOINTS_SUBDIR, BEST_SUBDIR):
+        root = Path(run_dir) / sub
+        for step in reversed(_steps(root)):
+            reader = _StepReader(root / str(step))
+            try:
+                meta = reader.restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception:  # noqa: BLE001 — a damaged step: try the one before
+                continue
+            finally:
+                reader.close()
+            if isinstance(meta, dict):
+                return meta, root / str(step)
+    return None, None
+
+
 def _step_dirs_newest_first(path: Path) -> list[Path]:
     newest = resolve_step_dir(path)  # raises the usual errors for a missing/empty path
     root = newest.parent
