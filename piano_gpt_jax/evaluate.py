@@ -16,7 +16,6 @@ out of that metric's mean, and `n_nan/<metric>` says how often.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.model import ModelConfig
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
+from piano_gpt_jax.run_log import METRICS_FILE, append_jsonl
 
 EVAL_BATCH = 16  # prompts decoded together
 
@@ -145,26 +145,6 @@ def format_tables(results: dict, max_columns: int = 6) -> str:
     return "\n".join(lines)
 
 
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    """Append records, all or none (a failed write is cut back off, so the log never ends in a
-    torn line); NaN is written as null so every line stays valid JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
-    text = "".join(json.dumps({k: clean(v) for k, v in r.items()}) + "\n" for r in records)
-    existed = path.exists()
-    with open(path, "a", encoding="utf-8") as f:
-        size = f.tell()
-        try:
-            f.write(text)
-            f.flush()
-        except OSError:
-            f.truncate(size)
-            if not existed:
-                f.close()
-                path.unlink(missing_ok=True)
-            raise
-
-
 def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint path belongs to (a .pt's own directory, a model folder's
     parent: RUN/final/ is the run's export)."""
@@ -247,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "task": task, "temperature": args.temperature, **values}
                for split, per_task in results.items() for task, values in per_task.items()]
     try:
-        append_jsonl(out_dir / "metrics.jsonl", records)
+        append_jsonl(out_dir / METRICS_FILE, records)
     except OSError as e:
         raise SystemExit(f"error: cannot append the results to {out_dir / 'metrics.jsonl'} "
                          f"({out_dir_lib.os_error_reason(e)}); the table above is all that was "

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from piano_gpt_jax import evaluate
+from piano_gpt_jax import evaluate, run_log
 
 
 def notes(*rows):
@@ -54,7 +54,7 @@ def test_summary_counts_nans_and_empty_generations():
 
 def test_jsonl_writes_nan_as_null(tmp_path):
     path = tmp_path / "sub" / "metrics.jsonl"
-    evaluate.append_jsonl(path, [{"step": 1, "x": math.nan, "y": 0.25}])
-    evaluate.append_jsonl(path, [{"step": 2, "x": 1.0}])
+    run_log.append_jsonl(path, [{"step": 1, "x": math.nan, "y": 0.25}])
+    run_log.append_jsonl(path, [{"step": 2, "x": 1.0}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "x": None, "y": 0.25}, {"step": 2, "x": 1.0}]

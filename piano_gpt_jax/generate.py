@@ -255,11 +255,7 @@ def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> 
 def _written_or_removed(out: Path, paths: dict[str, Path]):
     """All of this request's files, or none: on a write error (full disk, a folder made
     read-only meanwhile) the files it created are removed, and the folders it made."""
-    created = None  # the outermost folder this request creates
-    for folder in (out, *out.parents):
-        if folder.exists():
-            break
-        created = folder
+    created = out_dir_lib.outermost_missing(out)  # the folder this request creates, if any
     existed = {p for p in paths.values() if p.exists()}
     try:
         yield

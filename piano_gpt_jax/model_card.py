@@ -76,9 +76,9 @@ def write_card(record: CheckpointRecord, run_dir: str | Path | None, folder_name
     """The README.md text."""
     cfg, meta = record.model_config, record.meta
     events = read_events(Path(run_dir) / METRICS_FILE) if run_dir else []
-    losses = validation_losses(events, meta.step) or dict(meta.val_losses or {})
-    source = (f"`{Path(run_dir) / METRICS_FILE}`" if validation_losses(events, meta.step)
-              else "the checkpoint's own metadata")
+    losses = validation_losses(events, meta.step)
+    source = f"`{Path(run_dir) / METRICS_FILE}`" if losses else "the checkpoint's own metadata"
+    losses = losses or dict(meta.val_losses or {})
     conf = config_lib.complete(meta.config or {})
     data = conf.get("dataset", {})
     datasets = [data.get("base_dataset_name")] + list(data.get("extra_datasets") or [])

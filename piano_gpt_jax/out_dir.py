@@ -72,11 +72,7 @@ def check_writable(directory: str | Path, flag: str) -> None:
     """Prove the tools can create and write `directory` before any slow work, leaving nothing
     behind: a folder created for the probe is removed again (OutDirError names `flag`)."""
     directory = Path(directory)
-    missing = []
-    probe_parent = directory
-    while not probe_parent.exists() and probe_parent != probe_parent.parent:
-        missing.append(probe_parent)
-        probe_parent = probe_parent.parent
+    created = outermost_missing(directory)
     try:
         if directory.exists() and not directory.is_dir():
             raise OutDirError(f"{flag} {directory} is a file, not a directory; choose another "
@@ -92,11 +88,22 @@ def check_writable(directory: str | Path, flag: str) -> None:
         raise OutDirError(f"cannot write to {flag} {directory} ({_reason(e)}); choose a "
                           f"directory you can write to with {flag}.") from None
     finally:
-        for d in missing:  # innermost first
+        if created is not None:
             try:
-                d.rmdir()
+                remove_if_empty(created)
             except OSError:
                 pass
+
+
+def outermost_missing(path: str | Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating it would add, and
+    what to remove again), or None when `path` exists."""
+    found = None
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            break
+        found = folder
+    return found
 
 
 def earlier_outputs(out_dir: Path) -> list[str]:

@@ -60,6 +60,27 @@ def read_events(path: str | Path, reproducible: bool = False) -> list[dict[str, 
     return [{k: v for k, v in event.items() if k not in WALL_CLOCK_KEYS} for event in found
             if event.get("event") not in WALL_CLOCK_EVENTS]
 
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Append records, all or none (a failed write is cut back off, so the log never ends in a
+    torn line); NaN is written as null so every line stays valid JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    text = "".join(json.dumps({k: clean(v) for k, v in r.items()}) + "\n" for r in records)
+    existed = path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        size = f.tell()
+        try:
+            f.write(text)
+            f.flush()
+        except OSError:
+            f.truncate(size)
+            if not existed:
+                f.close()
+                path.unlink(missing_ok=True)
+            raise
+
+
 # Dense bf16 peak FLOP/s per accelerator (substring of jax's device_kind, first match wins).
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),

@@ -19,6 +19,8 @@ import random
 import time
 from pathlib import Path
 
+from piano_gpt_jax.run_log import append_jsonl
+
 CHOICES = ("first", "second", "same")
 JUDGEMENTS = Path("ab") / "judgements.jsonl"
 Z_95 = 1.959963984540054
@@ -43,11 +45,9 @@ def record(out_dir: Path, pair: Pair, choice: str, settings: dict | None = None)
         raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
     winner = {"first": pair.order[0], "second": pair.order[1], "same": None}[choice]
     path = Path(out_dir) / JUDGEMENTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "played": list(pair.order),
-            "choice": choice, "winner": winner, "seed": pair.seed, "settings": settings or {}}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+    append_jsonl(path, [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "played": list(pair.order),
+                         "choice": choice, "winner": winner, "seed": pair.seed,
+                         "settings": settings or {}}])
     return path
 
 

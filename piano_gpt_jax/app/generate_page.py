@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from piano_gpt_jax import out_dir as out_dir_lib
 from piano_gpt_jax import pianoroll
 from piano_gpt_jax.app import audio, blind_ab, generation, history, models, prompts, rolls, state
 from piano_gpt_jax.app.errors import AppError
@@ -92,11 +93,11 @@ def render() -> None:
     elif mode == "Grid":
         if _go(f"Generate the grid ({len(grid[0])} x {len(grid[1])})", "gen_grid_go", ready):
             run_grid(cfg, model, prompt, request, *grid)
-        show_grid(cfg, listen)
+        show_grid(listen)
     elif mode == "Compare checkpoints":
         if _go(f"Generate with each of the {len(loaded)} checkpoints", "gen_cmp_go", ready):
             run_compare(cfg, loaded, prompt, request)
-        show_compare(cfg, listen)
+        show_compare(listen)
     else:
         if _go("New blind pair", "gen_ab_go", ready):
             run_pair(cfg, loaded[:2], prompt, request)
@@ -388,10 +389,10 @@ def run_generation(cfg: AppSettings, model: models.LoadedModel, prompt: prompts.
         try:
             gen = _generate(model, prompt, request, out_dir, progress)
         except BaseException:
-            _remove_if_empty(out_dir)
+            out_dir_lib.remove_if_empty(out_dir)
             raise
-        for k in range(len(gen.samples)):
-            _full_roll(gen, k, out_dir)
+        for k in range(len(gen.samples)):  # drawn once, shown below from the cache
+            _cached((str(out_dir), k, "roll"), lambda k=k: _full_roll(gen, k, out_dir))
         progress.done(f"Done: {gen.n_new_tokens} tokens at {_rate(gen)}")
         st.session_state[RESULT_KEY] = {"gen": gen, "out_dir": str(out_dir),
                                         "checkpoint": model.path}
@@ -467,13 +468,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "checkpoint"
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
 def _rate(gen: Generation) -> str:
     tps = gen.tokens_per_second
     rate = f"{tps:,.0f} tokens/s" if math.isfinite(tps) else "n/a tokens/s"
@@ -511,7 +505,7 @@ def _zoomed_roll(gen: Generation, k: int, out_dir: Path, seconds: float | None) 
                                f"sample {k}: the new notes")
 
 
-def _audio(gen: Generation, k: int, out_dir: Path, seconds: float | None) -> tuple[bytes, str]:
+def _audio(gen: Generation, k: int, seconds: float | None) -> tuple[bytes, str]:
     cfg = state.settings()
     with cfg.scratch_dir() as scratch:
         return audio.render_wav(generation.lead_in(gen, k, seconds), scratch)
@@ -534,7 +528,7 @@ def show_sample(gen: Generation, k: int, out_dir: str, listen: tuple[str, float]
                      lambda: _zoomed_roll(gen, k, folder, seconds)),
              caption="zoomed on the new notes; louder notes are more opaque")
     wav, engine = _cached((out_dir, k, "wav", seconds),
-                          lambda: _audio(gen, k, folder, seconds))
+                          lambda: _audio(gen, k, seconds))
     st.audio(wav, format="audio/wav")
     st.caption(f"{listen[0]}" + (f" ({seconds:g} s)" if listen[0] == LISTEN[0] else "")
                + f", {engine}")
@@ -600,7 +594,7 @@ def show_results(listen: tuple[str, float] = (LISTEN[0], 3.0)) -> None:
                                    on_click="ignore")
 
 
-def show_grid(cfg: AppSettings, listen: tuple[str, float]) -> None:
+def show_grid(listen: tuple[str, float]) -> None:
     res = st.session_state.get(GRID_KEY)
     if not res:
         return
@@ -616,7 +610,7 @@ def show_grid(cfg: AppSettings, listen: tuple[str, float]) -> None:
                 show_sample(cell["gen"], 0, cell["out_dir"], listen, f"seed {seed}")
 
 
-def show_compare(cfg: AppSettings, listen: tuple[str, float]) -> None:
+def show_compare(listen: tuple[str, float]) -> None:
     res = st.session_state.get(COMPARE_KEY)
     if not res:
         return

@@ -20,7 +20,7 @@ import pandas as pd
 from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.checkpoints.record import RunMeta, finite_or_none
 from piano_gpt_jax.checkpoints.run_dir import holds_checkpoints, newest_meta
-from piano_gpt_jax.config import ConfigError, build_train_config, flatten
+from piano_gpt_jax.config import ConfigError, build_train_config, flatten, nest
 from piano_gpt_jax.optim import make_schedule
 from piano_gpt_jax.run_log import METRICS_FILE, read_log
 
@@ -170,8 +170,8 @@ def _schedule(run: Run) -> pd.DataFrame | None:
     if not run.config or not run.events:
         return None
     try:
-        optim = build_train_config(nested(run.config)).optim
-    except (ConfigError, ValueError, TypeError, KeyError):
+        optim = build_train_config(nest(flat_config(run.config))).optim
+    except (ConfigError, ValueError, TypeError, KeyError, AttributeError):
         return None
     last = int(max(e["step"] for e in run.events))
     if last < 1:
@@ -182,22 +182,6 @@ def _schedule(run: Run) -> pd.DataFrame | None:
                 if e.get("step") and _finite(e.get("tokens"))]
     tokens = steps * per_step[-1] if per_step else np.full(len(steps), np.nan)
     return pd.DataFrame({"run": run.name, "step": steps, "tokens": tokens, "lr": lr})
-
-
-def nested(config: dict) -> dict:
-    """A flat ("optimizer.max_iters") or nested config as the nested dict build_train_config
-    reads."""
-    out: dict = {}
-    for key, value in flat_config(config).items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[leaf] = value
-    return out
 
 
 def latest_eval(run: Run) -> pd.DataFrame | None:

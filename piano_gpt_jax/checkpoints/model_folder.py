@@ -110,12 +110,8 @@ def load_model_folder(folder: str | Path) -> CheckpointRecord:
     config = _read_json(folder / CONFIG)
     desc = _read_json(folder / TOKENIZER) if (folder / TOKENIZER).is_file() else None
     try:
-        model_config = ModelConfig(
-            vocab_size=int(config["vocab_size"]), n_layer=int(config["n_layer"]),
-            n_head=int(config["n_head"]), n_embd=int(config["n_embd"]),
-            context_size=int(config["context_size"]), bias=bool(config.get("bias", False)),
-            use_time_embedding=bool(config.get("use_time_embedding", False)))
-    except (KeyError, TypeError, ValueError) as e:
+        model_config = ModelConfig.from_dict(config)
+    except (AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG}: not a usable model config ({e}); the folder "
                               "was not written by converters.export_hf.") from None
     if desc is not None:
