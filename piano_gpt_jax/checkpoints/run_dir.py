@@ -131,7 +131,7 @@ def newest_meta(run_dir: str | Path) -> tuple[dict | None, Path | None]:
         for step in reversed(_steps(root)):
             reader = _StepReader(root / str(step))
             try:
-                meta = reader.restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                meta = reader.meta()
             except Exception:  # noqa: BLE001 — a damaged step: try the one before
                 continue
             finally:
@@ -148,14 +148,18 @@ def _step_dirs_newest_first(path: Path) -> list[Path]:
 
 
 class _StepReader:
-    """orbax's restore(step, args) over one step directory, without a CheckpointManager."""
+    """orbax's restore over one step directory, without a CheckpointManager (a manager over the
+    whole directory parses every step's metadata first and fails on another step's damage)."""
 
     def __init__(self, step_dir: Path):
         self._dir = step_dir.resolve()
         self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
-    def restore(self, step: int, args: Any) -> Any:
-        return self._checkpointer.restore(self._dir, args=args)
+    def restore(self, **items: Any) -> Any:
+        return self._checkpointer.restore(self._dir, args=ocp.args.Composite(**items))
+
+    def meta(self) -> Any:
+        return self.restore(meta=ocp.args.JsonRestore()).meta
 
     def close(self) -> None:
         self._checkpointer.close()
@@ -164,20 +168,17 @@ class _StepReader:
 def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
                ) -> CheckpointRecord:
     step = int(step_dir.name)
-    # One step directory read on its own: a manager over the whole directory would parse every
-    # step's metadata first and fail on another step's damage.
     reader = _StepReader(step_dir)
     try:
         try:
-            meta = reader.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore())).meta
+            meta = reader.meta()
         except Exception as e:  # noqa: BLE001 — orbax/json raise many types
             raise DamagedCheckpoint(f"{step_dir}: its meta cannot be read "
                                     f"({_first_line(e)})") from None
         model_config = _model_config(meta, step_dir)
         try:
-            params = reader.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params(model_config)))).params
+            params = reader.restore(
+                params=ocp.args.StandardRestore(abstract_params(model_config))).params
         except (ValueError, KeyError) as e:
             if "shape" in str(e).lower() or "structure" in str(e).lower():
                 raise CheckpointError(f"{step_dir}: params do not match its model_config "
@@ -191,7 +192,7 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
         record.meta.step = step
         training_items = (step_dir / "data").is_dir() or (step_dir / "metrics").is_dir()
         if with_optimizer and (step_dir / "train").is_dir():
-            record.optimizer = _restore_adam(reader, step, record, step_dir)
+            record.optimizer = _restore_adam(reader, record, step_dir)
         elif with_optimizer and training_items:
             raise DamagedCheckpoint(f"{step_dir}: a training checkpoint without its train/ item "
                                     "(optimizer state)")
@@ -203,7 +204,7 @@ def _load_step(step_dir: Path, with_optimizer: bool, optimizer_required: bool
     return record
 
 
-def _restore_adam(reader, step: int, record: CheckpointRecord, step_dir: Path) -> AdamState:
+def _restore_adam(reader: _StepReader, record: CheckpointRecord, step_dir: Path) -> AdamState:
     try:
         optim = build_train_config(record.meta.config).optim
     except ConfigError as e:
@@ -214,8 +215,7 @@ def _restore_adam(reader, step: int, record: CheckpointRecord, step_dir: Path) -
         init_params(record.model_config, jax.random.key(0)), tx, 0, Precision()))
     target = jax.tree_util.tree_map(_abstract, {k: v for k, v in like.items() if k != "params"})
     try:
-        train = reader.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore(target))).train
+        train = reader.restore(train=ocp.args.StandardRestore(target)).train
     except Exception as e:  # noqa: BLE001
         if isinstance(e, (ValueError, KeyError)) and ("shape" in str(e).lower()
                                                       or "structure" in str(e).lower()):
