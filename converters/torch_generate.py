@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from piano_gpt_jax.generate import main as generate_main
 from piano_gpt_jax.music.time_steps import step_after
 
 
-def filter_logits(logits_V: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """top-k, then nucleus, then min-p, with the JAX sampler's tie and threshold rules."""
+def filter_logits(logits_V: torch.Tensor, draw: Mapping[str, Any]) -> torch.Tensor:
+    """top-k, then nucleus, then min-p, with the JAX sampler's tie and threshold rules; `draw`
+    is SamplingSettings.draw_values(), as sampling.filter_logits takes it."""
+    top_k, top_p, min_p = draw["top_k"], draw["top_p"], draw["min_p"]
     logits_V = logits_V.clone()
     if top_k > 0:
         kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
@@ -56,6 +59,7 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
                                  settings.max_new_tokens)
     stop_id = tables.stop_id if settings.stop_at_eos else -1
     gen = torch.Generator().manual_seed(settings.seed)
+    draw = settings.draw_values()
     new_tokens, stopped = [], []
     t0 = time.perf_counter()
     model.eval()
@@ -73,8 +77,7 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
                 if settings.temperature == 0:
                     tok = int(torch.argmax(logits))
                 else:
-                    filtered = filter_logits(logits.float() / settings.temperature,
-                                             settings.top_k, settings.top_p, settings.min_p)
+                    filtered = filter_logits(logits.float() / settings.temperature, draw)
                     tok = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen))
                 counter, step = step_after(tables, counter, tok)
                 hist.append(tok)

@@ -1,7 +1,8 @@
 """PIANO-task evaluation: answer task prompts with the model and score them with the PIANO metrics.
 
     python -m piano_gpt_jax.evaluate --checkpoint RUN_DIR_OR.pt [--dataset NAME] [--split full_val]
-        [--n-examples 16] [--temperature 1.0] [--top-k K] [--seed 0] [--out-dir DIR] [--wandb]
+        [--n-examples 16] [--temperature 1.0] [--top-k K] [--top-p P] [--min-p P] [--seed 0]
+        [--out-dir DIR] [--wandb]
 
 As the reference's piano_eval: prompt = everything up to and including <GENAI>, in the prompt
 layout the checkpoint's vocabulary was made for (head, or f37ac14 for reference f37ac14
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from piano_gpt_jax import out_dir as out_dir_lib
-from piano_gpt_jax import piano_metrics, sampling
+from piano_gpt_jax import piano_metrics, sampling, sampling_settings
 from piano_gpt_jax.checkpoints import is_model_folder, load_any_checkpoint, resolve_step_dir
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import settings_for_checkpoint
@@ -58,13 +59,15 @@ def _mean(values: list[float]) -> float:
 
 
 def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
-                        splits: Sequence[str], n_examples: int, temperature: float = 1.0,
-                        top_k: int | None = None, seed: int = 0) -> dict:
+                        splits: Sequence[str], n_examples: int,
+                        settings: sampling.SamplingSettings | None = None) -> dict:
     """{split: {task or "all": {metric: float}}} over `n_examples` fixed prompts per split.
 
     Splits without task examples (next-token stage) are left out. Each entry also carries
-    n_examples, n_empty_generations and n_nan/<metric> counts.
+    n_examples, n_empty_generations and n_nan/<metric> counts. `settings` decide the draws; each
+    batch of prompts gets its own new-token budget and the seed plus its first example's index.
     """
+    settings = settings or sampling.SamplingSettings()
     manager = piano_metrics.MetricsManager.load_default()
     tables = sampling.token_tables(tokenizer)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -75,12 +78,12 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
         per_task: dict[str, list[dict[str, float]]] = defaultdict(list)
         for lo in range(0, len(examples), EVAL_BATCH):
             batch = examples[lo:lo + EVAL_BATCH]
-            settings = sampling.SamplingSettings(
-                temperature=temperature, top_k=int(top_k or 0), seed=seed + lo,
+            batch_settings = settings.replace(
+                seed=settings.seed + lo,
                 max_new_tokens=generation_budget([len(e["target_ids"]) for e in batch],
                                                  model_config.context_size))
             out = sampling.generate(model_config, params, [e["prompt_ids"] for e in batch],
-                                    settings, tables)
+                                    batch_settings, tables)
             for ex, new in zip(batch, out.new_tokens, strict=True):
                 # decode drops non-music tokens, so a final <EOGENAI> needs no stripping.
                 target = tokenizer.decode(ex["target_ids"])
@@ -162,9 +165,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--split", action="append",
                     help="eval split (repeat or comma-separate; default: all of the run's)")
     ap.add_argument("--n-examples", type=int, default=16, help="task prompts per split")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    # every sampling flag but --max-new-tokens: each prompt's budget follows its target
+    sampling_settings.add_arguments(ap, leave_out=("max_new_tokens",))
     ap.add_argument("--out-dir", help="where metrics.jsonl is appended (default: the run dir, "
                                       "or the current directory for a .pt)")
     ap.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
@@ -177,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n_examples < 1:
         raise SystemExit("error: --n-examples must be at least 1")
     try:  # the sampler's own checks (finite, temperature >= 0, ...), before any work
-        sampling.SamplingSettings(temperature=args.temperature, top_k=args.top_k or 0)
+        draws = sampling_settings.from_arguments(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -215,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     results = run_task_evaluation(record.model_config, record.params, tokenizer, pipeline, splits,
-                                  args.n_examples, args.temperature, args.top_k, args.seed)
+                                  args.n_examples, draws)
     seconds = time.perf_counter() - t0
     print(f"PIANO-task metrics of {path} (step {record.step}), {args.n_examples} prompts per "
           "split, "

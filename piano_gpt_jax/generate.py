@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from piano_gpt_jax import out_dir as out_dir_lib
-from piano_gpt_jax import pianoroll, sampling
+from piano_gpt_jax import pianoroll, sampling, sampling_settings
 from piano_gpt_jax.checkpoints import CheckpointError, load_any_checkpoint
 from piano_gpt_jax.data.settings import settings_for_checkpoint
 from piano_gpt_jax.data.sources import load_piano_dataset
@@ -199,12 +199,7 @@ def build_parser(prog: str = "python -m piano_gpt_jax.generate") -> argparse.Arg
     ap.add_argument("--composer-token", help="e.g. <CHOPIN> (default: from the record, or "
                                              "<UNKNOWN_COMPOSER>)")
     ap.add_argument("--task", help="a PIANO task name, e.g. top_line_masking-x1")
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--min-p", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    sampling_settings.add_arguments(ap)
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return ap
@@ -291,9 +286,7 @@ def _sampling_settings(args: argparse.Namespace) -> sampling.SamplingSettings:
     if args.prompt_notes is not None and args.prompt_notes < 1:
         raise GenerateError("--prompt-notes must be at least 1")
     try:
-        return sampling.SamplingSettings(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            max_new_tokens=args.max_new_tokens, seed=args.seed)
+        return sampling_settings.from_arguments(args)
     except ValueError as e:
         raise GenerateError(str(e)) from None
 

@@ -21,9 +21,8 @@ tokens), rather than recomputed on the cropped window as the reference does.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,47 +32,14 @@ import numpy as np
 from piano_gpt_jax import memory_limits
 from piano_gpt_jax.model import ModelConfig, forward_cached, init_cache
 from piano_gpt_jax.music.time_steps import TimeTables, clock_after, time_steps, time_tables
+from piano_gpt_jax.sampling_settings import SamplingSettings, draw_dtypes
+
+__all__ = ["GenerationResult", "SamplingSettings", "TokenTables", "filter_logits", "generate",
+           "sample_logits", "token_tables"]
 
 _PREFILL_BUCKET = 16
 _LENGTH_BUCKET = 64
 PROGRESS_TOKENS = 32  # decoded positions between two progress reports
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    """How to pick tokens. temperature 0 = greedy; top_k 0, top_p 1 and min_p 0 switch off."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    stop_at_eos: bool = True  # stop a row when it samples <EOGENAI> (if the vocab has it)
-    window_keep: int | None = None  # tokens kept when the context is full; None: context // 2
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def kept_tokens(self, context_size: int) -> int:
-        """Tokens kept when the context is full; one rule for the JAX and PyTorch samplers, whose
-        greedy tokens agree only if they crop alike."""
-        keep = self.window_keep or max(1, context_size // 2)
-        if not 1 <= keep <= context_size:
-            raise ValueError(f"window_keep must be in [1, context_size={context_size}], got {keep}")
-        return keep
 
 
 TokenTables = TimeTables  # the sampler's name for music/time_steps.py's tables
@@ -109,12 +75,14 @@ class GenerationResult:
 # Filters
 
 
-def filter_logits(logits_BxV: jax.Array, top_k, top_p, min_p) -> jax.Array:
+def filter_logits(logits_BxV: jax.Array, draw: Mapping[str, Any]) -> jax.Array:
     """Set every token outside the top-k / nucleus (top-p) / min-p sets to -inf, in that order.
 
-    The arguments may be traced: top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off.
-    Ties at a threshold are kept. The most likely token always survives.
+    `draw` is SamplingSettings.draw_values() (or its traced arrays): top_k <= 0, top_p >= 1 and
+    min_p <= 0 switch a filter off. Ties at a threshold are kept. The most likely token always
+    survives.
     """
+    top_k, top_p, min_p = draw["top_k"], draw["top_p"], draw["min_p"]
     logits_BxV = jnp.asarray(logits_BxV)
     neg_inf = jnp.array(-jnp.inf, logits_BxV.dtype)
     V = logits_BxV.shape[-1]
@@ -135,13 +103,13 @@ def filter_logits(logits_BxV: jax.Array, top_k, top_p, min_p) -> jax.Array:
     return jnp.where((min_p > 0.0) & (probs_BxV < min_p * max_p_Bx1), neg_inf, logits_BxV)
 
 
-def sample_logits(key: jax.Array, logits_BxV: jax.Array, temperature, top_k, top_p,
-                  min_p) -> jax.Array:
+def sample_logits(key: jax.Array, logits_BxV: jax.Array, draw: Mapping[str, Any]) -> jax.Array:
     """One token id per row: argmax when temperature == 0, else a filtered categorical draw."""
     logits_BxV = logits_BxV.astype(jnp.float32)
+    temperature = draw["temperature"]
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-    filtered_BxV = filter_logits(scaled_BxV, top_k, top_p, min_p)
+    filtered_BxV = filter_logits(scaled_BxV, draw)
     drawn_B = jax.random.categorical(key, filtered_BxV, axis=-1)
     return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
 
@@ -153,7 +121,7 @@ def sample_logits(key: jax.Array, logits_BxV: jax.Array, temperature, top_k, top
 class _Decoder:
     """The traced pieces of decoding for one config; `consts` are runtime values (no recompile).
 
-    consts: prompt_len_B, key, temperature, top_k, top_p, min_p, max_new, stop_id and the three
+    consts: prompt_len_B, key, draw (temperature and the filters), max_new, stop_id and the three
     token tables. The state carries the token and time-step buffers, the cache and its offset.
     """
 
@@ -180,8 +148,7 @@ class _Decoder:
     def emit(self, s):
         """Pick token n for every row (its prompt token, a sample, or padding once done)."""
         c, n = self.c, s["n"]
-        sampled_B = sample_logits(jax.random.fold_in(c["key"], n), s["logits"], c["temperature"],
-                                  c["top_k"], c["top_p"], c["min_p"])
+        sampled_B = sample_logits(jax.random.fold_in(c["key"], n), s["logits"], c["draw"])
         forced_B = n < c["prompt_len"]
         generating_B = ~forced_B & ~s["done"]
         token_B = jnp.where(forced_B, s["tokens"][:, n], jnp.where(generating_B, sampled_B, 0))
@@ -296,7 +263,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
-             settings: SamplingSettings = SamplingSettings(),
+             settings: SamplingSettings | None = None,
              tables: TokenTables | None = None,
              progress: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Continue each prompt (a 1-D array of token ids) with up to max_new_tokens sampled tokens.
@@ -308,6 +275,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     positions (the web app's progress bar; an exception it raises stops the generation). The
     tokens are the same with or without it: every position draws from fold_in(key, position).
     """
+    settings = settings or SamplingSettings()
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt")
     ctx = cfg.context_size
@@ -348,8 +316,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     pause_at = lambda n: jnp.int32(L if progress is None else min(L, n + PROGRESS_TOKENS))
     consts = dict(pause_at=pause_at(prefill), prompt_len=jnp.asarray(lens),
                   key=jax.random.PRNGKey(settings.seed),
-                  temperature=jnp.float32(settings.temperature), top_k=jnp.int32(settings.top_k),
-                  top_p=jnp.float32(settings.top_p), min_p=jnp.float32(settings.min_p),
+                  draw={name: jnp.asarray(value, draw_dtypes()[name])
+                        for name, value in settings.draw_values().items()},
                   max_new=jnp.int32(settings.max_new_tokens), stop_id=jnp.int32(stop_id),
                   time_increment=jnp.asarray(tables.time_increment),
                   is_music=jnp.asarray(tables.is_music), is_restart=jnp.asarray(tables.is_restart))

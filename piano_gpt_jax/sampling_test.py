@@ -149,12 +149,18 @@ def test_filters_that_keep_one_token_sample_the_greedy_path(tokenizer, prompts):
     assert any(not np.array_equal(run(temperature=1.0, seed=seed), greedy) for seed in (0, 1))
 
 
+def _draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    return sampling.SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                     min_p=min_p).draw_values()
+
+
 def test_filters_on_hand_made_logits():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     inf = -np.inf
 
     def kept(top_k=0, top_p=1.0, min_p=0.0):
-        out = np.asarray(sampling.filter_logits(logits, top_k, top_p, min_p))
+        out = np.asarray(sampling.filter_logits(logits, dict(top_k=top_k, top_p=top_p,
+                                                              min_p=min_p)))
         return np.isfinite(out[0]).tolist()
 
     assert kept() == [True, True, True, True]
@@ -166,29 +172,31 @@ def test_filters_on_hand_made_logits():
     assert kept(min_p=0.11) == [True, True, True, False]  # threshold .055 drops .05
     # top-k renormalises before top-p: (.5,.3,.15)/.95 -> .526, .842 -> third dropped at .8
     assert kept(top_k=3, top_p=0.8) == [True, True, False, False]
-    np.testing.assert_allclose(np.asarray(sampling.filter_logits(logits, 1, 1.0, 0.0))[0, 1:],
+    np.testing.assert_allclose(np.asarray(sampling.filter_logits(logits, _draw(top_k=1)))[0, 1:],
                                [inf, inf, inf])
 
 
 def test_sampling_frequencies_follow_the_filtered_softmax():
     probs = np.array([0.45, 0.3, 0.15, 0.1])
     logits = jnp.tile(jnp.log(jnp.asarray(probs)), (4000, 1))
-    draws = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 1.0, 2, 1.0, 0.0))
+    drawn = lambda seed, **kw: np.asarray(
+        sampling.sample_logits(jax.random.PRNGKey(seed), logits, _draw(**kw)))
+    draws = drawn(0, top_k=2)
     assert set(draws.tolist()) <= {0, 1}
     assert abs((draws == 0).mean() - 0.6) < 0.03  # .45 / .75, binomial sd ~ .008
     # top_p 0.7 keeps ids 0 and 1 (mass before id 1 is .45 < .7, before id 2 .75): never 2 or 3
-    nucleus = np.asarray(sampling.sample_logits(jax.random.PRNGKey(2), logits, 1.0, 0, 0.7, 0.0))
+    nucleus = drawn(2, top_p=0.7)
     assert set(nucleus.tolist()) == {0, 1}
     assert abs((nucleus == 0).mean() - 0.6) < 0.03
     # min_p 0.5: threshold .5 * .45 = .225 keeps ids 0 and 1; id 2 (.15) and id 3 (.1) never drawn
-    floor = np.asarray(sampling.sample_logits(jax.random.PRNGKey(3), logits, 1.0, 0, 1.0, 0.5))
+    floor = drawn(3, min_p=0.5)
     assert set(floor.tolist()) == {0, 1}
     # min_p 0.3: threshold .135 now keeps id 2 (.15) but still never id 3 (.1)
-    floor = np.asarray(sampling.sample_logits(jax.random.PRNGKey(4), logits, 1.0, 0, 1.0, 0.3))
+    floor = drawn(4, min_p=0.3)
     assert set(floor.tolist()) == {0, 1, 2}
-    greedy = np.asarray(sampling.sample_logits(jax.random.PRNGKey(0), logits, 0.0, 0, 1.0, 0.0))
+    greedy = drawn(0, temperature=0.0)
     assert (greedy == 0).all()
-    hot = np.asarray(sampling.sample_logits(jax.random.PRNGKey(1), logits, 2.0, 0, 1.0, 0.0))
+    hot = drawn(1, temperature=2.0)
     # temperature 2 flattens: p ~ sqrt(p); frequency of id 3 = .316 / 1.87 ~ .17
     assert abs((hot == 3).mean() - np.sqrt(0.1) / np.sqrt(probs).sum()) < 0.03
 

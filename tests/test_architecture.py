@@ -165,22 +165,31 @@ def test_the_graph_sees_the_data_path():
     assert "piano_gpt_jax.data.settings" in graph["piano_gpt_jax.data.pipeline"]
 
 
-# ARCHITECTURE.md's rows, top to bottom: a module may import from its own row or rows above.
-LAYERS = (
-    ("", "host_memory", "memory_limits"),  # process setup on import; memory the process has
-    ("music",),
-    ("precision", "config"),
-    ("data",),
-    ("kernels", "model"),
-    ("optim", "sharding", "train_step"),
-    ("checkpoints",),
-    ("run_log", "out_dir", "model_card"),
-    ("sampling", "piano_metrics", "evaluate", "pianoroll", "generate"),
-    ("training",),
-    ("train", "launch"),
-    ("converters",),
-    ("app",),
-)
+def _rows() -> tuple[tuple[str, ...], ...]:
+    """ARCHITECTURE.md's table, top to bottom, as the module names of each row's first cell
+    (`piano_gpt_jax/__init__.py` is the package itself, ""): a module may import from its own
+    row or rows above. The map is the rule, so the two cannot drift apart."""
+    rows = []
+    for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines():
+        if line.startswith("| `"):
+            cell = line.split("|")[1]
+            names = []
+            for path in re.findall(r"`([^`]+)`", cell):
+                name = path.removeprefix("piano_gpt_jax/").rstrip("/").removesuffix(".py")
+                names.append("" if name == "__init__" else name)
+            rows.append(tuple(names))
+    return tuple(rows)
+
+
+LAYERS = _rows()
+
+
+def test_the_rows_are_read_from_the_map():
+    assert LAYERS[0] == ("", "host_memory", "memory_limits")
+    assert ("music",) in LAYERS and ("app",) in LAYERS and ("converters",) in LAYERS
+    row = {name: i for i, names in enumerate(LAYERS) for name in names}
+    assert row["music"] < row["data"] < row["model"] < row["train_step"] < row["checkpoints"]
+    assert row["sampling_settings"] == row["sampling"] < row["training"] < row["app"]
 
 
 def _layer(module: str) -> int | None:

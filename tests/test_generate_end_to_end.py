@@ -167,8 +167,9 @@ def test_torch_filters_match_jax_filters():
 
     logits = np.log(np.array([0.42, 0.25, 0.15, 0.1, 0.05, 0.03]))
     for k, p, m in [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (4, 0.8, 0.1), (0, 1.0, 0.3)]:
-        j = np.isfinite(np.asarray(sampling.filter_logits(logits[None], k, p, m))[0])
-        t = torch.isfinite(tg.filter_logits(torch.tensor(logits), k, p, m)).numpy()
+        draw = sampling.SamplingSettings(top_k=k, top_p=p, min_p=m).draw_values()
+        j = np.isfinite(np.asarray(sampling.filter_logits(logits[None], draw))[0])
+        t = torch.isfinite(tg.filter_logits(torch.tensor(logits), draw)).numpy()
         np.testing.assert_array_equal(j, t)
 
 
@@ -182,7 +183,7 @@ def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys, monkeypatch):
     settings = dataclasses.replace(setup["settings"], base_dataset_name=str(eval_dataset))
     pipe = make_pipeline(settings, setup["tok"])
     res = evaluate.run_task_evaluation(setup["cfg"], setup["params"], setup["tok"], pipe,
-                                       ["full_val", "chopin"], n_examples=4, temperature=1.0)
+                                       ["full_val", "chopin"], n_examples=4)
     assert set(res) == {"full_val", "chopin"}
     keys = piano_metrics.MetricsManager.load_default().log_keys()
     for per_task in res.values():

@@ -26,6 +26,7 @@ from piano_gpt_jax.app.errors import AppError
 from piano_gpt_jax.app.generation import CONTINUATION, Generation, Request
 from piano_gpt_jax.app.settings import AppSettings
 from piano_gpt_jax.music import layouts
+from piano_gpt_jax.sampling_settings import user_settings
 
 MODES = ("Generate", "Grid", "Compare checkpoints", "Blind A/B", "History")
 RESULT_KEY, GRID_KEY, COMPARE_KEY, PAIR_KEY = ("gen_result", "gen_grid_result",
@@ -260,20 +261,32 @@ def request_controls(model: models.LoadedModel, prompt: prompts.Prompt | None) -
                                  index=dataset_tokens.index(d_default))
     composer_token = c3.selectbox("Composer token", composer_tokens,
                                   index=composer_tokens.index(c_default))
-    c1, c2, c3, c4 = st.columns(4)
-    temperature = c1.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key="gen_temperature",
-                            help="0 = greedy")
-    top_k = c2.number_input("Top-k", 0, 10_000, 0, key="gen_top_k", help="0 = off")
-    top_p = c3.slider("Top-p", 0.01, 1.0, 1.0, 0.01, key="gen_top_p", help="1 = off")
-    min_p = c4.slider("Min-p", 0.0, 0.99, 0.0, 0.01, key="gen_min_p", help="0 = off")
+    draws = {}
+    drawn = [f for f in user_settings() if f.metadata["drawn_as"]]
+    for column, f in zip(st.columns(len(drawn)), drawn, strict=True):
+        draws[f.name] = _setting_control(column, f)
     c1, c2, c3 = st.columns(3)
-    seed = c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
+    draws["seed"] = _setting_control(c1, _SETTINGS["seed"])
     num_samples = c2.number_input("Samples", 1, 16, 1, key="gen_num_samples")
-    max_new = c3.number_input("Max new tokens", 1, 8192, 256, step=32, key="gen_max_new")
-    return Request(task=task, dataset_token=dataset_token, composer_token=composer_token,
-                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                   min_p=float(min_p), seed=int(seed), num_samples=int(num_samples),
-                   max_new_tokens=int(max_new))
+    draws["max_new_tokens"] = _setting_control(c3, _SETTINGS["max_new_tokens"])
+    return Request.make(task=task, dataset_token=dataset_token, composer_token=composer_token,
+                        num_samples=int(num_samples), **draws)
+
+
+_SETTINGS = {f.name: f for f in user_settings()}
+
+
+def _setting_control(column, f):
+    """A sampling setting's control, drawn from its declaration (label, range, default, help)."""
+    c, default, key = f.metadata["control"], f.default, f"gen_{f.name}"
+    kind = type(default)
+    if c.slider:
+        value = column.slider(c.label, kind(c.low), kind(c.high), default, kind(c.step), key=key,
+                              help=f.metadata["help"])
+    else:
+        value = column.number_input(c.label, kind(c.low), kind(c.high), default,
+                                    step=kind(c.step), key=key, help=f.metadata["help"])
+    return kind(value)
 
 
 def grid_controls(request: Request) -> tuple[list[str], list[int]]:
@@ -383,7 +396,7 @@ def run_generation(cfg: AppSettings, model: models.LoadedModel, prompt: prompts.
                    request: Request) -> None:
     def work() -> None:
         progress = _Progress(f"Sampling {request.num_samples} x up to "
-                             f"{request.max_new_tokens} tokens")
+                             f"{request.sampling.max_new_tokens} tokens")
         generation.check_request(request)
         out_dir = cfg.new_output_dir("generations")
         try:
@@ -408,8 +421,8 @@ def run_grid(cfg: AppSettings, model: models.LoadedModel, prompt: prompts.Prompt
         cells = []
         for composer in composers:
             for seed in seeds:
-                cell_request = dataclasses.replace(request, composer_token=composer, seed=seed,
-                                                   num_samples=1)
+                cell_request = dataclasses.replace(request.with_sampling(seed=seed),
+                                                   composer_token=composer, num_samples=1)
                 cell_dir = out_dir / f"{composer.strip('<>').lower()}-seed{seed}"
                 cell_dir.mkdir()
                 gen = _generate(model, prompt, cell_request, cell_dir, progress)
@@ -455,11 +468,11 @@ def run_pair(cfg: AppSettings, loaded: list[models.LoadedModel], prompt: prompts
             sample_dir = out_dir / f"sample{k + 1}"
             sample_dir.mkdir()
             gens.append(_generate(by_path[path], prompt, dataclasses.replace(
-                request, seed=pair.seed, num_samples=1), sample_dir, progress))
+                request.with_sampling(seed=pair.seed), num_samples=1), sample_dir, progress))
             progress.next_cell()
         progress.done("Listen to both, then choose.")
         st.session_state[PAIR_KEY] = {"pair": pair, "gens": gens, "out_dir": str(out_dir),
-                                      "settings": dataclasses.asdict(request)}
+                                      "settings": request.as_record()}
 
     _run((PAIR_KEY,), work)
 
@@ -482,7 +495,8 @@ def _full_roll(gen: Generation, k: int, out_dir: Path) -> bytes:
     layers.append(("generated", gen.samples[k].notes, pianoroll.GENERATED_COLOUR))
     r = gen.request
     return rolls.pianoroll_png(out_dir / f"pianoroll_{k}.png", layers,
-                               f"{r.task} | T={r.temperature} seed={r.seed} sample {k}")
+                               f"{r.task} | T={r.sampling.temperature} seed={r.sampling.seed} "
+                               f"sample {k}")
 
 
 def _cached(key: tuple, make):

@@ -43,7 +43,7 @@ def test_generation_shows_notes_pianoroll_and_audio(app_env, arpeggio_midi, monk
     at.file_uploader(key="gen_upload").set_value(
         ("arpeggio.mid", arpeggio_midi.read_bytes(), "audio/midi")).run()
     assert any("Prompt: 16 notes" in c.value for c in at.caption)
-    at.number_input(key="gen_max_new").set_value(32)
+    at.number_input(key="gen_max_new_tokens").set_value(32)
     at.number_input(key="gen_num_samples").set_value(2)
     at.button(key="gen_go").click().run()
     assert not at.exception and not _errors(at)
@@ -111,7 +111,7 @@ def test_bad_input_shows_messages_and_the_page_keeps_working(app_env, arpeggio_m
         ("arpeggio.mid", arpeggio_midi.read_bytes(), "audio/midi")).run()
     assert not _errors(at)
     # a generation that writes no notes (one token cannot open and close one) says so
-    at.number_input(key="gen_max_new").set_value(1)
+    at.number_input(key="gen_max_new_tokens").set_value(1)
     at.button(key="gen_go").click().run()
     assert any("wrote no notes" in w.value for w in at.warning)
     # a task that slices every note away from the prompt, and an impossible slice
@@ -136,7 +136,7 @@ def test_dataset_piece_prompt_with_a_task(app_env, small_dataset):
     at.number_input(key="gen_last_note").set_value(24)
     at.number_input(key="gen_shift").set_value(-3)
     at.selectbox(key="gen_task").set_value("high_notes_masking-x5")
-    at.number_input(key="gen_max_new").set_value(24)
+    at.number_input(key="gen_max_new_tokens").set_value(24)
     at.button(key="gen_go").click().run()
     assert not at.exception and not _errors(at)
     # 24 notes make 120 tokens, more than the context (96): before, the model silently got the
@@ -150,3 +150,19 @@ def test_dataset_piece_prompt_with_a_task(app_env, small_dataset):
     assert "confusion metrics/weighted_f1" in table.index and len(table) == 18
     at.text_input(key="gen_dataset").set_value(str(app_env["tmp"] / "missing")).run()
     assert "does not exist" in _errors(at)[0]
+
+
+def test_the_sampling_controls_start_at_the_settings_one_set_of_defaults(app_env):
+    """The page draws a control per sampling setting from its declaration: the same defaults
+    as the generate CLI (the page once offered 256 new tokens where the CLI gave 512)."""
+    from piano_gpt_jax.sampling_settings import SamplingSettings, user_settings
+
+    at = _page().run()
+    at.selectbox(key="gen_ckpt_choice").set_value(str(app_env["runs"] / "tiny")).run()
+    assert not at.exception
+    defaults = SamplingSettings()
+    for f in user_settings():
+        control = at.slider if f.metadata["control"].slider else at.number_input
+        widget = control(key=f"gen_{f.name}")
+        assert widget.value == getattr(defaults, f.name), f.name
+        assert widget.label == f.metadata["control"].label

@@ -34,23 +34,42 @@ from piano_gpt_jax.generate import (
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.midi import write_midi
 from piano_gpt_jax.music.tasks import resolve_tasks
-from piano_gpt_jax.sampling import SamplingSettings
+from piano_gpt_jax.sampling_settings import SamplingSettings, user_settings
 
 CONTINUATION = "continuation"
 
 
 @dataclass(frozen=True)
 class Request:
+    """One click: the prompt's task and tokens, how many samples, and the sampler's settings
+    (passed whole to the sampler, with sampling_settings.py's defaults)."""
+
     task: str = CONTINUATION  # a PIANO task name such as high_notes_masking-x5, or continuation
     dataset_token: str = "<PIANO_FOR_AI>"
     composer_token: str = "<UNKNOWN_COMPOSER>"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
     num_samples: int = 1
-    max_new_tokens: int = 256
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    @classmethod
+    def make(cls, **values) -> Request:
+        """A request from flat values (the page's controls): the sampling settings' names go to
+        `sampling`; AppError for a value the sampler refuses."""
+        names = {f.name for f in dataclasses.fields(SamplingSettings)}
+        try:
+            draws = SamplingSettings(**{k: v for k, v in values.items() if k in names})
+        except ValueError as e:
+            raise AppError(str(e)) from None
+        return cls(**{k: v for k, v in values.items() if k not in names}, sampling=draws)
+
+    def with_sampling(self, **changes) -> Request:
+        """The same request with other sampling settings (a grid cell's seed, say)."""
+        return dataclasses.replace(self, sampling=self.sampling.replace(**changes))
+
+    def as_record(self) -> dict:
+        """Flat, as tokens.json, the History and the blind judgements store a request."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "sampling"}
+        return {**own, **{f.name: getattr(self.sampling, f.name) for f in user_settings()}}
 
 
 @dataclass
@@ -146,27 +165,21 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request) -> BuiltP
                        fit_note, context)
 
 
-def check_request(request: Request) -> SamplingSettings:
-    """The sampler's settings for a request (the page's widgets are flat fields); AppError if the
-    request asks for something the sampler refuses."""
+def check_request(request: Request) -> None:
+    """AppError for a request the page should not send (its sampling settings checked
+    themselves when they were made)."""
     if not 1 <= request.num_samples <= 16:
         raise AppError("number of samples must be between 1 and 16")
-    try:
-        return SamplingSettings(temperature=request.temperature, top_k=request.top_k,
-                                top_p=request.top_p, min_p=request.min_p,
-                                max_new_tokens=request.max_new_tokens, seed=request.seed)
-    except ValueError as e:
-        raise AppError(str(e)) from None
 
 
 def generate(model: LoadedModel, prompt: Prompt, request: Request,
              progress: Callable[[int, int], None] | None = None) -> Generation:
     """Sample `request.num_samples` continuations in one batch with the cached jitted sampler;
     `progress(tokens, max_new_tokens)` as in sampling.generate."""
-    settings = check_request(request)
+    check_request(request)
     built = build_prompt(model, prompt, request)
     result = sampling.generate(model.model_config, model.params,
-                               [built.ids] * request.num_samples, settings, model.tables,
+                               [built.ids] * request.num_samples, request.sampling, model.tables,
                                progress=progress)
     samples = []
     for k, new in enumerate(result.new_tokens):
@@ -236,7 +249,7 @@ def write_outputs(gen: Generation, directory: Path, checkpoint: str) -> dict[str
     for k, s in enumerate(gen.samples):
         files[f"generation_{k}"] = write_midi(s.notes, directory / f"generation_{k}.mid")
         files[f"combined_{k}"] = write_midi(combined(gen, k), directory / f"combined_{k}.mid")
-    tokens = {"checkpoint": checkpoint, "request": dataclasses.asdict(gen.request),
+    tokens = {"checkpoint": checkpoint, "request": gen.request.as_record(),
               "prompt_ids": [int(t) for t in gen.prompt_ids],
               "samples": [{"ids": [int(t) for t in s.ids], "notes": int(len(s.notes)),
                            "stopped": s.stopped} for s in gen.samples],

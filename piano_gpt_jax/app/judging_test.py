@@ -31,7 +31,7 @@ def _upload(at: AppTest, midi, name: str = "arpeggio.mid") -> None:
 def _one(at: AppTest, app_env, midi) -> None:
     at.selectbox(key="gen_ckpt_choice").set_value(str(app_env["runs"] / "tiny")).run()
     _upload(at, midi)
-    at.number_input(key="gen_max_new").set_value(16)
+    at.number_input(key="gen_max_new_tokens").set_value(16)
 
 
 def _seconds(wav: bytes) -> float:
@@ -87,7 +87,7 @@ def test_a_stopped_generation_is_said_and_an_odd_upload_name_is_harmless(app_env
 def test_listening_where_the_new_notes_are(app_env, arpeggio_midi):
     at = _page()
     _one(at, app_env, arpeggio_midi)
-    at.number_input(key="gen_max_new").set_value(48)
+    at.number_input(key="gen_max_new_tokens").set_value(48)
     at.button(key="gen_go").click().run()
     lead = _seconds(at.get("audio")[0].proto.url and _audio_bytes(at, 0))
     at.radio(key="gen_listen").set_value("prompt + new notes").run()
@@ -138,7 +138,7 @@ def test_checkpoints_side_by_side_and_blind_judgements(app_env, arpeggio_midi):
     runs = [str(app_env["runs"] / "tiny"), str(app_env["runs"] / "tiny-b")]
     at.multiselect(key="gen_cmp_ckpts").set_value(runs).run()
     _upload(at, arpeggio_midi)
-    at.number_input(key="gen_max_new").set_value(16)
+    at.number_input(key="gen_max_new_tokens").set_value(16)
     at.button(key="gen_cmp_go").click().run()
     assert not at.exception and not at.error
     titles = [m.value for m in at.markdown if m.value.startswith("**tiny")]
@@ -149,7 +149,7 @@ def test_checkpoints_side_by_side_and_blind_judgements(app_env, arpeggio_midi):
     at.multiselect(key="gen_ab_ckpts").set_value(runs).run()
     _upload(at, arpeggio_midi)  # the prompt widgets appear once two checkpoints are chosen
     assert at.number_input(key="gen_last_note").value == 24  # the default again, not 1
-    at.number_input(key="gen_max_new").set_value(16)
+    at.number_input(key="gen_max_new_tokens").set_value(16)
     at.button(key="gen_ab_go").click().run()
     assert not at.exception and not at.error
     shown = [m.value for m in at.markdown if m.value.startswith("**")]

@@ -9,6 +9,7 @@ import numpy as np
 
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.evaluate import run_task_evaluation
+from piano_gpt_jax.sampling_settings import SamplingSettings
 from piano_gpt_jax.sharding import place
 from piano_gpt_jax.train_step import compile_steps, make_eval_step
 from piano_gpt_jax.training import start as start_lib
@@ -53,7 +54,7 @@ def eval_only(cfg: TrainConfig) -> dict:
     if cfg.eval_metrics:
         metrics = run_task_evaluation(model_config, record.params, tokenizer, pipeline,
                                       pipeline.eval_split_names, cfg.eval_examples,
-                                      seed=cfg.seed)
+                                      SamplingSettings(seed=cfg.seed))
         for split, per_task in metrics.items():
             for task, values in per_task.items():
                 print(format_table(values, f"{split} / {task}"))
