@@ -81,7 +81,7 @@ def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
                     tok = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen))
                 counter, step = step_after(tables, counter, tok)
                 hist.append(tok)
-                steps.append(step)
+                steps.append(int(step))
                 new.append(tok)
                 if tok == stop_id:
                     break

@@ -31,7 +31,13 @@ import numpy as np
 
 from piano_gpt_jax import memory_limits
 from piano_gpt_jax.model import ModelConfig, forward_cached, init_cache
-from piano_gpt_jax.music.time_steps import TimeTables, clock_after, time_steps, time_tables
+from piano_gpt_jax.music.time_steps import (
+    TimeTables,
+    clock_after,
+    step_after,
+    time_steps,
+    time_tables,
+)
 from piano_gpt_jax.sampling_settings import SamplingSettings, draw_dtypes
 
 __all__ = ["GenerationResult", "SamplingSettings", "TokenTables", "filter_logits", "generate",
@@ -152,9 +158,8 @@ class _Decoder:
         forced_B = n < c["prompt_len"]
         generating_B = ~forced_B & ~s["done"]
         token_B = jnp.where(forced_B, s["tokens"][:, n], jnp.where(generating_B, sampled_B, 0))
-        counter_B = jnp.where(c["is_restart"][token_B], 1,
-                              s["counter"] + c["time_increment"][token_B])
-        own_step_B = jnp.where(c["is_music"][token_B], counter_B, 0)
+        tables = TimeTables(c["time_increment"], c["is_music"], c["is_restart"], -1)
+        counter_B, own_step_B = step_after(tables, s["counter"], token_B, where=jnp.where)
         step_B = jnp.where(forced_B, s["steps"][:, n], jnp.where(generating_B, own_step_B, 0))
         n_new_B = s["n_new"] + generating_B.astype(jnp.int32)
         ends_B = (n_new_B >= c["max_new"]) | (token_B == c["stop_id"])

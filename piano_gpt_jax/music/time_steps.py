@@ -64,8 +64,11 @@ def clock_after(tables: TimeTables, ids: Sequence[int] | np.ndarray) -> int:
     return 1 + int(tables.time_increment[tail].sum())
 
 
-def step_after(tables: TimeTables, counter: int, token: int) -> tuple[int, int]:
-    """(the counter after `token`, `token`'s time step): the rule one token at a time, as the
-    samplers apply it to each new token."""
-    counter = 1 if tables.is_restart[token] else counter + int(tables.time_increment[token])
-    return counter, counter if tables.is_music[token] else 0
+def step_after(tables: TimeTables, counter: Any, token: Any, where: Any = np.where
+               ) -> tuple[Any, Any]:
+    """(the counter after `token`, `token`'s time step): the rule one token at a time, as both
+    samplers apply it to each new token. `where` is np.where for the PyTorch sampler's ints, or
+    jnp.where inside the compiled decode (tables of device arrays, a batch of tokens), so the
+    rule is written once for numpy and JAX alike."""
+    counter = where(tables.is_restart[token], 1, counter + tables.time_increment[token])
+    return counter, where(tables.is_music[token], counter, 0)
