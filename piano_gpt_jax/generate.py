@@ -72,25 +72,19 @@ def continuation_prompt(tokenizer, notes: pd.DataFrame, dataset_token: str,
                                        _in_vocab(tokenizer, composer_token))
 
 
-def prompt_layout_of(tokenizer) -> str:
-    """The prompt layout a checkpoint's vocabulary was trained on; nothing is added to it here
-    (a token without trained embeddings would only confuse the model), so an f37ac14-era
-    vocabulary always means the plain layout."""
-    return layouts.detect_prompt_layout(tokenizer)
-
-
 def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
                 composer_token: str, layout: str | None = None,
                 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(prompt ids ending in <GENAI>, source notes, target notes), built by the same
-    music/layouts.py builder as training records; `layout` None = detected from the vocabulary
-    (prompt_layout_of)."""
+    music/layouts.py builder as training records; `layout` None = the vocabulary's
+    (layouts.checkpoint_layout)."""
     split = task.split(pieces.as_notes(notes))
     if split.n_target_notes == 0:
         raise GenerateError(f"task {task.task_name} leaves no target notes in this prompt; use "
                             "more prompt notes or another task")
     try:
-        ids = layouts.task_prompt(tokenizer, layout or prompt_layout_of(tokenizer), split,
+        layout = layout or layouts.checkpoint_layout(None, tokenizer.token_to_id)
+        ids = layouts.task_prompt(tokenizer, layout, split,
                                   _in_vocab(tokenizer, dataset_token),
                                   _in_vocab(tokenizer, composer_token))
     except layouts.MissingTokens as e:
@@ -338,7 +332,9 @@ def _build_prompt(args: argparse.Namespace, record, tokenizer: ExponentialTimeTo
     notes = crop_notes(raw, args.prompt_seconds, max_notes)
     if len(notes) == 0:
         raise GenerateError(f"the prompt from {described} has no notes; check --prompt-seconds")
-    layout = prompt_layout_of(tokenizer)
+    # Nothing is added to the vocabulary here (a token without trained embeddings would only
+    # confuse the model), so an f37ac14-era vocabulary always means the plain layout.
+    layout = layouts.checkpoint_layout(record.meta.prompt_layout, tokenizer.token_to_id)
     tables = sampling.token_tables(tokenizer)
     if task is not None:
         build = lambda n: task_prompt(tokenizer, task, n, dataset_token, composer_token, layout)

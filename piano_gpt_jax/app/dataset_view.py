@@ -16,7 +16,7 @@ from piano_gpt_jax.app.prompts import frame
 from piano_gpt_jax.data.pipeline import build_tokenizer
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.data.sources import load_piano_dataset
-from piano_gpt_jax.generate import GenerateError, prompt_layout_of, resolve_task, task_prompt
+from piano_gpt_jax.generate import GenerateError, resolve_task, task_prompt
 from piano_gpt_jax.music import layouts, pieces
 
 DEFAULT_CONTEXT_SIZE = 2048  # the reference recipe's
@@ -122,9 +122,8 @@ def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_n
     window = notes.iloc[int(first):int(first) + int(n_notes)]
     if len(window) == 0:
         raise AppError(f"no notes from note {first}: the piece has {len(notes)}")
-    window = window.assign(start=window["start"] - window["start"].min(),
-                           end=window["end"] - window["start"].min())
-    layout = prompt_layout_of(tokenizer)
+    window = pieces.shift_to_zero(window)
+    layout = layouts.checkpoint_layout(None, tokenizer.token_to_id)
     try:
         task = resolve_task(task_name)
         ids, src, tgt = task_prompt(tokenizer, task, window, layouts.dataset_token(source),

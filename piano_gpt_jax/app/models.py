@@ -21,6 +21,7 @@ from piano_gpt_jax.checkpoints import (
     is_model_folder,
     load_any_checkpoint,
 )
+from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.tasks import resolve_tasks
 
 CHECKPOINT_SUBDIRS = (CHECKPOINTS_SUBDIR, BEST_SUBDIR)
@@ -88,7 +89,8 @@ def load_model(path: str | Path) -> LoadedModel:
         raise AppError(str(e)) from None
     return LoadedModel(str(path), record.model_config, record.params, tokenizer,
                        sampling.token_tables(tokenizer),
-                       generate.prompt_layout_of(tokenizer), record.step,
+                       layouts.checkpoint_layout(record.meta.prompt_layout, tokenizer.token_to_id),
+                       record.step,
                        generate.trained_notes_per_record(record.meta), _trained_tasks(record))
 
 

@@ -56,7 +56,8 @@ def folder_config(record: CheckpointRecord) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "pad_token_id": int(tokenizer.pad_token_id),
         "use_time_embedding": bool(cfg.use_time_embedding),
         "n_time_steps": N_TIME_STEPS if cfg.use_time_embedding else None,
-        "prompt_layout": record.meta.prompt_layout or layouts.detect_prompt_layout(tokenizer),
+        "prompt_layout": layouts.checkpoint_layout(record.meta.prompt_layout,
+                                                   tokenizer.token_to_id),
         "run": record.meta.to_json(),
     }
 

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from piano_gpt_jax import config as config_lib
 from piano_gpt_jax.checkpoints.errors import CheckpointError
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.music.layouts import ANNOTATED, PLAIN, check_prompt_layout
+from piano_gpt_jax.music.layouts import ANNOTATED, checkpoint_layout
 from piano_gpt_jax.music.tasks import PianoTask, resolve_tasks
+from piano_gpt_jax.music.tokenizer import desc_vocabulary
 
 if TYPE_CHECKING:
     from piano_gpt_jax.checkpoints.record import RunMeta
@@ -188,8 +189,7 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
     """Every key piano-gpt's tools read, in its schema, from our (complete) config."""
     c = config_lib.flatten(ours)
     stage = c["stage"]
-    layout = check_prompt_layout(meta.prompt_layout or (
-        ANNOTATED if model_cfg_has_time(ours) else PLAIN))
+    layout = checkpoint_layout(meta.prompt_layout, desc_vocabulary(tokenizer_desc))
     accumulation_steps = int(c["optimizer.gradient_accumulation_steps"])
     n_devices = max(int(meta.n_devices or 1), 1)
     micro = int(c["data.batch_size"])
@@ -251,10 +251,6 @@ def reference_form(ours: Mapping, meta: RunMeta, model_cfg: Mapping,
                       ("weight_decay", "max_iters", "beta1", "beta2", "grad_clip")},
         "tasks": task_list(resolve_tasks(_task_spec(c["tasks"])), head=layout == ANNOTATED),
     }
-
-
-def model_cfg_has_time(ours: Mapping) -> bool:
-    return bool(_get(ours, "model.use_time_embedding", False))
 
 
 def _task_spec(spec: Any) -> Any:

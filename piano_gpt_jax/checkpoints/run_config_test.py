@@ -130,3 +130,32 @@ def test_task_list_forms_build_the_same_tasks():
     assert task_list(tasks, head=True)[-1] == {"class": "ChordMasking",
                                                "params": {"n_notes_threshold": 3}}
 
+
+
+@pytest.mark.parametrize(("recorded", "vocabulary", "layout"), [
+    ("head", ["<MUSIC_TIME_0>"], "annotated"),  # what the run recorded wins (aliases named)
+    ("f37ac14", ["<MUSIC_TIME_0>", "<GENAI>"], "plain"),
+    (None, ["<GENAI>", "<MUSIC_TIME_0>"], "annotated"),  # else the vocabulary says
+    (None, ["<GENAI>"], "plain"),
+    (None, ["1T", "<PAD>"], "plain"),  # a next-token vocabulary without MUSIC_TIME, as it is
+    (None, None, "annotated"),  # nothing to read: piano-gpt's current form
+])
+def test_one_rule_gives_a_checkpoints_prompt_layout(recorded, vocabulary, layout):
+    from piano_gpt_jax.music.layouts import checkpoint_layout
+
+    assert checkpoint_layout(recorded, vocabulary) == layout
+
+
+@pytest.mark.parametrize(("vocabulary", "n_task_entries"), [
+    (["<MUSIC_TIME_0>"], 8),  # the annotated (head) form: a class with its param_range
+    (["<GENAI>"], 61),  # the plain (f37ac14) form: one entry per task
+])
+def test_the_export_asks_the_same_rule_as_generate(vocabulary, n_task_entries):
+    """A next-token run records no layout: its export's task form follows the vocabulary (as
+    generate and the model folder do), not whether the model has the music-time embedding."""
+    desc = {"name": "ExponentialTimeTokenizer", "parameters": {"vocab": vocabulary}}
+    for time_embedding in (False, True):
+        ours = complete({"stage": "next_token_pretraining", "tasks": "piano_default",
+                         "model": {"use_time_embedding": time_embedding}})
+        rc = export_run_config(RunMeta(config=ours), MODEL, desc)
+        assert len(rc["tasks"]) == n_task_entries

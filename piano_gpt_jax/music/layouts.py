@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,15 +133,37 @@ def detect_prompt_layout(tokenizer: Any, max_n_notes: int | None = None) -> str:
     with `max_n_notes` None: the vocabulary is used as it is, as for generation) only the plain
     layout fits in it.
     """
-    if "<MUSIC_TIME_0>" in tokenizer.token_to_id:
-        return ANNOTATED
-    if GENAI in tokenizer.token_to_id:
-        return PLAIN  # trained on PIANO tasks without MUSIC_TIME: the f37ac14 layout
+    made_for = vocabulary_layout(tokenizer.token_to_id)
+    if made_for is not None:
+        return made_for
     if max_n_notes is not None:
         missing = [t for t in music_special_tokens(max_n_notes) if t not in tokenizer.token_to_id]
         if len(missing) <= tokenizer.free_special_slots:
             return ANNOTATED
     return PLAIN
+
+
+def vocabulary_layout(tokens: Collection[str]) -> str | None:
+    """The layout a vocabulary was made for, when its tokens say: <MUSIC_TIME_0> means
+    annotated; <GENAI> without it means plain (PIANO tasks without MUSIC_TIME: f37ac14)."""
+    if "<MUSIC_TIME_0>" in tokens:
+        return ANNOTATED
+    if GENAI in tokens:
+        return PLAIN
+    return None
+
+
+def checkpoint_layout(recorded: str | None, vocabulary: Collection[str] | None) -> str:
+    """The layout a checkpoint's prompts are built in, the one rule every reader of a checkpoint
+    asks (generate, the app, the model folder, the `.pt` export): the layout its run recorded
+    (what its PIANO-task records were), else the one its vocabulary was made for with nothing
+    added (detect_prompt_layout without room to add: plain when its tokens do not say), else,
+    with no vocabulary to read, the annotated layout of piano-gpt's current form."""
+    if recorded:
+        return check_prompt_layout(recorded)
+    if vocabulary is None:
+        return ANNOTATED
+    return vocabulary_layout(vocabulary) or PLAIN
 
 
 def music_special_tokens(max_n_notes: int) -> list[str]:

@@ -48,6 +48,17 @@ def _time_token_multipliers(time_unit: float, max_time_step: float) -> list[int]
     return ks
 
 
+def desc_vocabulary(desc: Mapping[str, Any] | None) -> list[str] | None:
+    """The token list of a tokenizer_desc (v4 `lexicon` or v3 flat `vocab`), None when it has
+    none; what a reader needs who asks only which tokens a checkpoint knows."""
+    params = (desc or {}).get("parameters")
+    if not isinstance(params, Mapping):
+        return None
+    if "lexicon" in params:
+        return params["lexicon"]["vocab"]
+    return params.get("vocab")
+
+
 class ExponentialTimeTokenizer:
     """Note-level tokenizer with power-of-two time tokens and reserved special-token slots."""
 
@@ -110,10 +121,9 @@ class ExponentialTimeTokenizer:
                 f"tokenizer_desc names {name!r}; only {TOKENIZER_NAME} descriptions "
                 "({'name': ..., 'parameters': {...}}) can be loaded"
             )
-        if "lexicon" in params:
-            vocab = params["lexicon"]["vocab"]
-        elif "vocab" in params:
-            vocab = params["vocab"]
+        vocab = desc_vocabulary(desc)
+        if vocab is not None:
+            pass
         elif "min_time_unit" in params or "special_tokens" in params:
             raise ValueError(
                 "this tokenizer_desc is the pre-2025 (v2) format (min_time_unit + special_tokens), "
