@@ -83,8 +83,8 @@ def main() -> None:
           f"context {args.context}, prompt {args.prompt}, {args.new} new tokens, "
           f"backend {jax.default_backend()}")
 
-    warm = sampling.generate(cfg, params, [prompt], settings)
-    cached = sampling.generate(cfg, params, [prompt], settings)
+    warm = sampling.sample(cfg, params, [prompt], settings)
+    cached = sampling.sample(cfg, params, [prompt], settings)
     cached_tps = cached.tokens_per_second
     print(f"cached sampler : {cached_tps:9.1f} tokens/s "
           f"({cached.seconds:.3f} s; compile {warm.compile_seconds:.1f} s, once)")

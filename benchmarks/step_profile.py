@@ -45,9 +45,9 @@ def _best_of(fn, repeats: int) -> float:
 def jax_parts(cfg, batch_np, repeats: int) -> dict[str, tuple[float, float]]:
     """{part: (forward s, forward+backward s)} of our model's pieces."""
     from benchmarks.train_step import _opt_settings
+    from piano_gpt_jax.jitted_steps import token_loss
     from piano_gpt_jax.model import MLP, CausalSelfAttention, _layer_norm, init_params
     from piano_gpt_jax.optim import make_optimizer
-    from piano_gpt_jax.train_step import token_loss
 
     B, T = batch_np["tokens"].shape
     x_BxTxC = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.n_embd), jnp.float32)

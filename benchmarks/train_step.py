@@ -77,10 +77,7 @@ def _opt_settings(max_iters: int = 10_000):
 def jax_stepper(model_config, batch_np, dtype: str = "float32") -> Callable[[], None]:
     """One step of our jitted train step per call (compiled and warmed up here), data-parallel
     over the devices; each call blocks until the step's loss exists."""
-    from piano_gpt_jax.model import init_params
-    from piano_gpt_jax.optim import make_optimizer
-    from piano_gpt_jax.precision import Precision
-    from piano_gpt_jax.train_step import (
+    from piano_gpt_jax.jitted_steps import (
         compile_steps,
         init_train_state,
         make_eval_step,
@@ -89,6 +86,9 @@ def jax_stepper(model_config, batch_np, dtype: str = "float32") -> Callable[[], 
         replicate,
         shard_batch,
     )
+    from piano_gpt_jax.model import init_params
+    from piano_gpt_jax.optim import make_optimizer
+    from piano_gpt_jax.precision import Precision
 
     mesh = make_mesh()
     tx = make_optimizer(_opt_settings())

@@ -48,7 +48,7 @@ def filter_logits(logits_V: torch.Tensor, draw: Mapping[str, Any]) -> torch.Tens
     return logits_V
 
 
-def torch_generate(model: TorchGPT, prompts: Sequence[np.ndarray],
+def torch_sample(model: TorchGPT, prompts: Sequence[np.ndarray],
                    settings: sampling.SamplingSettings,
                    tables: sampling.TokenTables) -> sampling.GenerationResult:
     """Decode each prompt (one row at a time) with a full forward pass per token."""
@@ -105,7 +105,7 @@ def _load(path: str):
 def torch_sampler(record, prompts, settings, tables) -> sampling.GenerationResult:
     model = TorchGPT(record.model_config)
     model.load_state_dict(params_to_state_dict(record.model_config, record.params))
-    return torch_generate(model, prompts, settings, tables)
+    return torch_sample(model, prompts, settings, tables)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,7 +82,7 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
                 seed=settings.seed + lo,
                 max_new_tokens=generation_budget([len(e["target_ids"]) for e in batch],
                                                  model_config.context_size))
-            out = sampling.generate(model_config, params, [e["prompt_ids"] for e in batch],
+            out = sampling.sample(model_config, params, [e["prompt_ids"] for e in batch],
                                     batch_settings, tables)
             for ex, new in zip(batch, out.new_tokens, strict=True):
                 # decode drops non-music tokens, so a final <EOGENAI> needs no stripping.

@@ -66,13 +66,13 @@ def _in_vocab(tokenizer, token: str) -> str | None:
     return token if token in tokenizer.token_to_id else None
 
 
-def continuation_prompt(tokenizer, notes: pd.DataFrame, dataset_token: str,
+def prompt_for_continuation(tokenizer, notes: pd.DataFrame, dataset_token: str,
                         composer_token: str) -> np.ndarray:
     return layouts.continuation_prompt(tokenizer, notes, _in_vocab(tokenizer, dataset_token),
                                        _in_vocab(tokenizer, composer_token))
 
 
-def task_prompt(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
+def prompt_for_task(tokenizer, task, notes: pd.DataFrame, dataset_token: str,
                 composer_token: str, layout: str | None = None,
                 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(prompt ids ending in <GENAI>, source notes, target notes), built by the same
@@ -212,7 +212,7 @@ def _outputs(out: Path, n: int, task: bool) -> dict[str, Path]:
 
 
 def jax_sampler(record, prompts, settings, tables) -> sampling.GenerationResult:
-    return sampling.generate(record.model_config, record.params, prompts, settings, tables)
+    return sampling.sample(record.model_config, record.params, prompts, settings, tables)
 
 
 def run(args: argparse.Namespace, sampler=jax_sampler, load_checkpoint=None) -> dict[str, Any]:
@@ -337,9 +337,9 @@ def _build_prompt(args: argparse.Namespace, record, tokenizer: ExponentialTimeTo
     layout = layouts.checkpoint_layout(record.meta.prompt_layout, tokenizer.token_to_id)
     tables = sampling.token_tables(tokenizer)
     if task is not None:
-        build = lambda n: task_prompt(tokenizer, task, n, dataset_token, composer_token, layout)
+        build = lambda n: prompt_for_task(tokenizer, task, n, dataset_token, composer_token, layout)
     else:
-        build = lambda n: (continuation_prompt(tokenizer, n, dataset_token, composer_token),
+        build = lambda n: (prompt_for_continuation(tokenizer, n, dataset_token, composer_token),
                            n, None)
     (prompt_ids, shown, target), fit_note = fit_prompt(
         build, notes, record.model_config.context_size, explicit=args.prompt_notes is not None)

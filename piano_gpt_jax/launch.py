@@ -4,7 +4,7 @@ without a cluster manager).
     python -m piano_gpt_jax.launch -n 2 -- --config configs/piano.py:tiny --config.out_dir=runs/x
 
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>, JAX_NUM_PROCESSES=N and
-JAX_PROCESS_ID=i — the variables the trainer reads (training/processes.py,
+JAX_PROCESS_ID=i — the variables the trainer reads (run/processes.py,
 maybe_init_distributed) — and the arguments after `--`. Output lines come through prefixed
 with `[pI]`. As soon as one process dies (non-zero exit), the others are stopped (SIGTERM, then
 SIGKILL after --grace seconds: a survivor blocked in a collective with the dead one cannot finish

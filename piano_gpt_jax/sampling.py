@@ -40,7 +40,7 @@ from piano_gpt_jax.music.time_steps import (
 )
 from piano_gpt_jax.sampling_settings import SamplingSettings, draw_dtypes
 
-__all__ = ["GenerationResult", "SamplingSettings", "TokenTables", "filter_logits", "generate",
+__all__ = ["GenerationResult", "SamplingSettings", "TokenTables", "filter_logits", "sample",
            "sample_logits", "token_tables"]
 
 _PREFILL_BUCKET = 16
@@ -267,7 +267,7 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
+def sample(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
              settings: SamplingSettings | None = None,
              tables: TokenTables | None = None,
              progress: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -282,7 +282,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     """
     settings = settings or SamplingSettings()
     if len(prompts) == 0:
-        raise ValueError("generate needs at least one prompt")
+        raise ValueError("the sampler needs at least one prompt")
     ctx = cfg.context_size
     keep = settings.kept_tokens(ctx)
     if tables is None:

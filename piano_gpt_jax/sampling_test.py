@@ -81,7 +81,7 @@ def test_greedy_cache_equals_full_forward_past_the_context(tokenizer, prompts):
     cfg, params = _model(tokenizer, time_embedding=False, seed=0)
     greedy = sampling.SamplingSettings(temperature=0.0, max_new_tokens=40, window_keep=CTX,
                                        stop_at_eos=False)
-    out = sampling.generate(cfg, params, [prompts[0]], greedy)
+    out = sampling.sample(cfg, params, [prompts[0]], greedy)
     expected = reference_greedy(cfg, params, tokenizer, prompts[0], 40, keep=CTX)
     assert len(prompts[0]) + 40 > 2 * CTX - 10  # well past the context
     np.testing.assert_array_equal(out.new_tokens[0], expected)
@@ -92,7 +92,7 @@ def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
     cfg, params = _model(tokenizer, time_embedding=True, seed=1)
     settings = sampling.SamplingSettings(temperature=0.0, max_new_tokens=45, stop_at_eos=False)
     tables = sampling.token_tables(tokenizer)
-    out = sampling.generate(cfg, params, prompts, settings, tables)  # lengths 20 and 27
+    out = sampling.sample(cfg, params, prompts, settings, tables)  # lengths 20 and 27
     for row, prompt in enumerate(prompts):
         expected = reference_greedy(cfg, params, tokenizer, prompt, 45, keep=CTX // 2)
         np.testing.assert_array_equal(out.new_tokens[row], expected)
@@ -102,7 +102,7 @@ def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
     stop = int(out.new_tokens[0][2])
     stop_tables = dataclasses.replace(tables, stop_id=stop)
     first_hit = int(np.flatnonzero(out.new_tokens[0] == stop)[0])
-    stopped = sampling.generate(cfg, params, prompts,
+    stopped = sampling.sample(cfg, params, prompts,
                                 dataclasses.replace(settings, stop_at_eos=True), stop_tables)
     np.testing.assert_array_equal(stopped.new_tokens[0], out.new_tokens[0][:first_hit + 1])
     assert stopped.stopped[0]
@@ -122,14 +122,14 @@ def test_prompt_time_steps_match_tokenizer(tokenizer, prompts):
 def test_budget_and_no_recompile_for_new_settings(tokenizer, prompts):
     cfg, params = _model(tokenizer, time_embedding=False, seed=2)
     plain = sampling.SamplingSettings(temperature=1.0, max_new_tokens=9, seed=3, stop_at_eos=False)
-    a = sampling.generate(cfg, params, [prompts[1]], plain)
+    a = sampling.sample(cfg, params, [prompts[1]], plain)
     assert len(a.new_tokens[0]) == 9 and not a.stopped[0]  # exactly the budget, no stop token
-    b = sampling.generate(cfg, params, [prompts[1]],
+    b = sampling.sample(cfg, params, [prompts[1]],
                           sampling.SamplingSettings(temperature=0.7, top_k=5, top_p=0.9,
                                                     min_p=0.05, max_new_tokens=7, seed=4))
     assert b.compile_seconds == 0.0  # same shapes: sampling values are runtime arguments
     assert len(b.new_tokens[0]) == 7
-    c = sampling.generate(cfg, params, [prompts[1]], plain)
+    c = sampling.sample(cfg, params, [prompts[1]], plain)
     np.testing.assert_array_equal(a.new_tokens[0], c.new_tokens[0])  # seeded
 
 
@@ -138,7 +138,7 @@ def test_filters_that_keep_one_token_sample_the_greedy_path(tokenizer, prompts):
     token: the draw is the greedy path, for every seed. Unfiltered sampling is not, so a filter
     the sampler ignored would fail here."""
     cfg, params = _model(tokenizer, time_embedding=False, seed=2)
-    run = lambda **kw: sampling.generate(cfg, params, [prompts[1]], sampling.SamplingSettings(
+    run = lambda **kw: sampling.sample(cfg, params, [prompts[1]], sampling.SamplingSettings(
         max_new_tokens=12, stop_at_eos=False, **kw)).new_tokens[0]
     greedy = run(temperature=0.0)
     assert len(set(greedy.tolist())) > 3  # a varied path, not one repeated token
@@ -209,9 +209,9 @@ def test_progress_reports_do_not_change_the_tokens(tokenizer, prompts, monkeypat
     settings = sampling.SamplingSettings(temperature=1.0, max_new_tokens=50, seed=11,
                                          stop_at_eos=False)
     tables = sampling.token_tables(tokenizer)
-    whole = sampling.generate(cfg, params, prompts, settings, tables)
+    whole = sampling.sample(cfg, params, prompts, settings, tables)
     seen: list[int] = []
-    chunked = sampling.generate(cfg, params, prompts, settings, tables,
+    chunked = sampling.sample(cfg, params, prompts, settings, tables,
                                 progress=lambda done, total: seen.append(done))
     for a, b in zip(whole.new_tokens, chunked.new_tokens, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -7,11 +7,11 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from piano_gpt_jax.config import build_train_config
+from piano_gpt_jax.jitted_steps import init_train_state
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import make_optimizer
 from piano_gpt_jax.precision import Precision
 from piano_gpt_jax.sharding import leaf_spec, planned_bytes_per_device, unsharded_matrices
-from piano_gpt_jax.train_step import init_train_state
 
 
 def test_largest_divisible_dimension_is_cut_and_vectors_stay_whole():

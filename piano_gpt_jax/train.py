@@ -7,7 +7,7 @@ rng, loss-scale state, step counters and the data iterator position are all chec
 
 This module is the command line only: parsing, start-up order and exit codes (0 done, 2 a
 usage or checkpoint-write error, 3 non-finite losses, 130 interrupted). The run itself is
-piano_gpt_jax/training/ (start → loop → saving).
+piano_gpt_jax/run/ (start → loop → saving).
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ import threading
 import traceback
 
 from piano_gpt_jax.config import ConfigError, HelpRequested, parse_config
-from piano_gpt_jax.training.errors import (
+from piano_gpt_jax.run.errors import (
     CheckpointWriteError,
     Interrupted,
     NonFiniteLoss,
     UsageError,
 )
-from piano_gpt_jax.training.evaluation import eval_only
-from piano_gpt_jax.training.loop import train
-from piano_gpt_jax.training.processes import (
+from piano_gpt_jax.run.loop import train
+from piano_gpt_jax.run.processes import (
     check_devices,
     check_same_config,
     maybe_init_distributed,
     select_platform,
 )
+from piano_gpt_jax.run.validation import eval_only
 
 __all__ = ["CheckpointWriteError", "Interrupted", "NonFiniteLoss", "UsageError", "eval_only",
            "main", "train"]
@@ -40,7 +40,7 @@ __all__ = ["CheckpointWriteError", "Interrupted", "NonFiniteLoss", "UsageError",
 class _OrbaxErrorsReportedByUs(logging.Filter):
     """orbax logs every failed background write with tracebacks from several threads (its
     messages start with "[process=N]"); the trainer turns each checkpoint failure into one line
-    of its own (training.saving.checkpoint_io)."""
+    of its own (run.saving.checkpoint_io)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR
@@ -49,7 +49,7 @@ class _OrbaxErrorsReportedByUs(logging.Filter):
 
 def _quiet_orbax_threads() -> None:
     """Exceptions ending orbax's background threads are reported by
-    training.saving.checkpoint_io; other threads' exceptions still print."""
+    run.saving.checkpoint_io; other threads' exceptions still print."""
     default = threading.excepthook
 
     def hook(args) -> None:

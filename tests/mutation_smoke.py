@@ -71,7 +71,7 @@ MUTATIONS = (
     # optimizer, schedule, accumulation, precision
     Mutation("Adam eps 1e-6", "piano_gpt_jax/config.py",
              "    eps: float = _ruled(1e-8, POSITIVE)", "    eps: float = _ruled(1e-6, POSITIVE)",
-             ("piano_gpt_jax/training/saving_test.py",)),
+             ("piano_gpt_jax/run/saving_test.py",)),
     Mutation("weight decay on vectors too", "piano_gpt_jax/optim.py",
              "    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)\n",
              "    return jax.tree_util.tree_map(lambda p: p.ndim >= 1, params)  # MUTATION\n",
@@ -84,19 +84,19 @@ MUTATIONS = (
              "every_k_schedule=o.gradient_accumulation_steps)",
              "every_k_schedule=1)  # MUTATION",
              ("piano_gpt_jax/optim_test.py",)),
-    Mutation("float16 gradients left scaled", "piano_gpt_jax/train_step.py",
+    Mutation("float16 gradients left scaled", "piano_gpt_jax/jitted_steps.py",
              "lambda g: g.astype(jnp.float32) / scale, grads)\n",
              "lambda g: g.astype(jnp.float32), grads)  # MUTATION: not unscaled\n",
-             ("piano_gpt_jax/train_step_test.py",)),
+             ("piano_gpt_jax/jitted_steps_test.py",)),
     # export mapping, resume
-    Mutation("exp_avg_sq exported as exp_avg", "piano_gpt_jax/training/saving.py",
+    Mutation("exp_avg_sq exported as exp_avg", "piano_gpt_jax/run/saving.py",
              "    optimizer = AdamState(count=int(adam.count), mu=f32(adam.mu), nu=f32(adam.nu),",
              "    optimizer = AdamState(count=int(adam.count), mu=f32(adam.nu), nu=f32(adam.mu),",
-             ("piano_gpt_jax/training/saving_test.py",)),
-    Mutation("resume ignores the data iterator's state", "piano_gpt_jax/training/start.py",
+             ("piano_gpt_jax/run/saving_test.py",)),
+    Mutation("resume ignores the data iterator's state", "piano_gpt_jax/run/start.py",
              "        iterator.set_state(data_state)\n",
              "        pass  # MUTATION: batches start over on resume\n",
-             ("piano_gpt_jax/training/saving_test.py",)),
+             ("piano_gpt_jax/run/saving_test.py",)),
     # tokenizer, records and masks, tasks
     Mutation("note ends not quantized", "piano_gpt_jax/music/tokenizer.py",
              "        end_q = np.round(end / tu) * tu\n",
@@ -127,9 +127,9 @@ MUTATIONS = (
              "    w = np.ones(len(seg[\"durations\"]))  # MUTATION\n",
              ("piano_gpt_jax/piano_metrics_test.py",)),
     # the memory plan
-    Mutation("memory plan forgets the optimizer state", "piano_gpt_jax/training/memory_plan.py",
+    Mutation("memory plan forgets the optimizer state", "piano_gpt_jax/run/memory_plan.py",
              "    state = p * (4 + 8 + 4 + 4)", "    state = p * 4",
-             ("piano_gpt_jax/training/memory_plan_test.py",)),
+             ("piano_gpt_jax/run/memory_plan_test.py",)),
 )
 
 

@@ -160,8 +160,8 @@ def test_the_graph_sees_the_data_path():
     """Guards the checker itself: known edges must be present, or an empty graph would pass."""
     graph = _graph()
     assert "piano_gpt_jax.music.tokenizer" in graph["piano_gpt_jax.data.records"]
-    assert "piano_gpt_jax.model" in graph["piano_gpt_jax.train_step"]
-    assert "piano_gpt_jax.training.loop" in graph["piano_gpt_jax.train"]
+    assert "piano_gpt_jax.model" in graph["piano_gpt_jax.jitted_steps"]
+    assert "piano_gpt_jax.run.loop" in graph["piano_gpt_jax.train"]
     assert "piano_gpt_jax.data.settings" in graph["piano_gpt_jax.data.pipeline"]
 
 
@@ -188,8 +188,8 @@ def test_the_rows_are_read_from_the_map():
     assert LAYERS[0] == ("", "host_memory", "memory_limits")
     assert ("music",) in LAYERS and ("app",) in LAYERS and ("converters",) in LAYERS
     row = {name: i for i, names in enumerate(LAYERS) for name in names}
-    assert row["music"] < row["data"] < row["model"] < row["train_step"] < row["checkpoints"]
-    assert row["sampling_settings"] == row["sampling"] < row["training"] < row["app"]
+    assert row["music"] < row["data"] < row["model"] < row["jitted_steps"] < row["checkpoints"]
+    assert row["sampling_settings"] == row["sampling"] < row["run"] < row["app"]
 
 
 def _layer(module: str) -> int | None:

@@ -220,7 +220,7 @@ def test_run_task_evaluation_and_cli(setup, eval_dataset, capsys, monkeypatch):
 
 
 def _answering(examples: list[dict], answer):
-    """A stand-in for sampling.generate that answers each known prompt with answer(example)."""
+    """A stand-in for sampling.sample that answers each known prompt with answer(example)."""
     by_prompt = {tuple(e["prompt_ids"].tolist()): e for e in examples}
 
     def generate_(cfg, params, prompts, settings, tables=None):
@@ -249,7 +249,7 @@ def test_evaluation_scores_a_perfect_and_an_empty_answer(setup, eval_dataset, mo
     assert len({e["task"] for e in examples}) > 1  # several tasks: "all" pools them
 
     def run(answer):
-        monkeypatch.setattr(sampling, "generate", _answering(examples, answer))
+        monkeypatch.setattr(sampling, "sample", _answering(examples, answer))
         return evaluate.run_task_evaluation(setup["cfg"], setup["params"], setup["tok"], pipe,
                                             ["full_val"], n_examples=4)["full_val"]
 

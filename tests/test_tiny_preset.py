@@ -15,8 +15,8 @@ from configs.piano import get_config
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.jitted_steps import token_loss
 from piano_gpt_jax.model import ModelConfig, count_params, init_params
-from piano_gpt_jax.train_step import token_loss
 
 
 def test_tiny_preset_numbers(maestro_dataset):

@@ -22,8 +22,8 @@ from converters.testing import reference_lr
 from piano_gpt_jax import train as trainer
 from piano_gpt_jax.checkpoints import load_model_checkpoint
 from piano_gpt_jax.config import build_train_config, set_dotted
+from piano_gpt_jax.run import loop as training_loop
 from piano_gpt_jax.run_log import METRICS_FILE
-from piano_gpt_jax.training import loop as training_loop
 
 pytestmark = pytest.mark.slow
 LR = {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 2, "lr_decay_iters": 6}

@@ -16,7 +16,7 @@ from piano_gpt_jax.app.prompts import frame
 from piano_gpt_jax.data.pipeline import build_tokenizer
 from piano_gpt_jax.data.settings import DataSettings
 from piano_gpt_jax.data.sources import load_piano_dataset
-from piano_gpt_jax.generate import GenerateError, resolve_task, task_prompt
+from piano_gpt_jax.generate import GenerateError, prompt_for_task, resolve_task
 from piano_gpt_jax.music import layouts, pieces
 
 DEFAULT_CONTEXT_SIZE = 2048  # the reference recipe's
@@ -126,7 +126,7 @@ def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_n
     layout = layouts.checkpoint_layout(None, tokenizer.token_to_id)
     try:
         task = resolve_task(task_name)
-        ids, src, tgt = task_prompt(tokenizer, task, window, layouts.dataset_token(source),
+        ids, src, tgt = prompt_for_task(tokenizer, task, window, layouts.dataset_token(source),
                                     layouts.composer_token(source), layout)
     except GenerateError as e:
         raise AppError(str(e)) from None

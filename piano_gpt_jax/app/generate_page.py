@@ -382,7 +382,7 @@ def _run(keys: tuple[str, ...], work) -> None:
 
 def _generate(model: models.LoadedModel, prompt: prompts.Prompt, request: Request,
               out_dir: Path, progress: _Progress) -> Generation:
-    gen = generation.generate(model, prompt, request, progress=progress)
+    gen = generation.run_request(model, prompt, request, progress=progress)
     generation.write_outputs(gen, out_dir, model.path)
     cfg = state.settings()
     for k in range(len(gen.samples)):  # what the History lists and plays

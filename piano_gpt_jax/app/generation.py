@@ -1,8 +1,8 @@
 """One click of Generate: the prompt as the model was trained to read it, the cached jitted
 sampler, and the outputs (MIDI, token ids) written to a fresh folder of the app's own.
 
-Prompt building is `generate.task_prompt` / `generate.continuation_prompt`, and prompt fitting
-`generate.fit_prompt`: the same code the CLI uses, so the app and `python -m
+Prompt building is `generate.prompt_for_task` / `generate.prompt_for_continuation`, and prompt
+fitting `generate.fit_prompt`: the same code the CLI uses, so the app and `python -m
 piano_gpt_jax.generate` give the same tokens for the same input, and a prompt longer than the
 context keeps its first notes (with its task tokens), never a silently cut-off front.
 """
@@ -26,10 +26,10 @@ from piano_gpt_jax.app.prompts import Prompt, frame
 from piano_gpt_jax.evaluate import crop_to_target
 from piano_gpt_jax.generate import (
     GenerateError,
-    continuation_prompt,
     fit_prompt,
+    prompt_for_continuation,
+    prompt_for_task,
     resolve_task,
-    task_prompt,
 )
 from piano_gpt_jax.music import layouts
 from piano_gpt_jax.music.midi import write_midi
@@ -145,10 +145,10 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request) -> BuiltP
                 raise AppError(f"task {request.task} splits prompt notes into what the model "
                                "sees and what it must write: choose a prompt with notes, or "
                                "'continuation'")
-            build = lambda n: task_prompt(tok, task, n, request.dataset_token,
+            build = lambda n: prompt_for_task(tok, task, n, request.dataset_token,
                                           request.composer_token, model.layout)
         else:
-            build = lambda n: (continuation_prompt(tok, n, request.dataset_token,
+            build = lambda n: (prompt_for_continuation(tok, n, request.dataset_token,
                                                    request.composer_token), n, None)
         (ids, shown, target), fit_note = fit_prompt(build, prompt.notes, context,
                                                     explicit=False)
@@ -172,13 +172,13 @@ def check_request(request: Request) -> None:
         raise AppError("number of samples must be between 1 and 16")
 
 
-def generate(model: LoadedModel, prompt: Prompt, request: Request,
+def run_request(model: LoadedModel, prompt: Prompt, request: Request,
              progress: Callable[[int, int], None] | None = None) -> Generation:
     """Sample `request.num_samples` continuations in one batch with the cached jitted sampler;
-    `progress(tokens, max_new_tokens)` as in sampling.generate."""
+    `progress(tokens, max_new_tokens)` as in sampling.sample."""
     check_request(request)
     built = build_prompt(model, prompt, request)
-    result = sampling.generate(model.model_config, model.params,
+    result = sampling.sample(model.model_config, model.params,
                                [built.ids] * request.num_samples, request.sampling, model.tables,
                                progress=progress)
     samples = []

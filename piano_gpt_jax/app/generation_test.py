@@ -23,7 +23,7 @@ def model(runs_root):
 def test_continuation_and_task_write_notes_and_files(model, tmp_path):
     prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")
     request = generation.Request.make(max_new_tokens=32, num_samples=2, temperature=1.0, seed=1)
-    gen = generation.generate(model, prompt, request)
+    gen = generation.run_request(model, prompt, request)
     assert len(gen.samples) == 2 and all(len(s.ids) <= 32 for s in gen.samples)
     assert sum(len(s.notes) for s in gen.samples) > 0
     # new notes follow the prompt the model saw (the notes that fit its context of 96)
@@ -40,7 +40,7 @@ def test_continuation_and_task_write_notes_and_files(model, tmp_path):
     saved = json.loads(files["tokens"].read_text())
     assert saved["samples"][1]["ids"] == [int(t) for t in gen.samples[1].ids]
 
-    task = generation.generate(model, prompt, generation.Request.make(
+    task = generation.run_request(model, prompt, generation.Request.make(
         task="high_notes_masking-x5", max_new_tokens=32, temperature=0.0))
     assert len(task.target) == 5 and len(task.prompt) == 11
     assert model.tokenizer.vocab[task.prompt_ids[-1]] == "<GENAI>"
@@ -49,16 +49,16 @@ def test_continuation_and_task_write_notes_and_files(model, tmp_path):
 def test_refusals_are_readable(model, tmp_path):
     prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")
     with pytest.raises(AppError, match="unknown task"):
-        generation.generate(model, prompt, generation.Request.make(task="no_such_task-x1"))
+        generation.run_request(model, prompt, generation.Request.make(task="no_such_task-x1"))
     with pytest.raises(AppError, match="choose a prompt with notes"):
-        generation.generate(model, prompts.empty_prompt(),
+        generation.run_request(model, prompts.empty_prompt(),
                             generation.Request.make(task="top_line_masking-x1"))
     with pytest.raises(AppError, match="top_p"):
         generation.Request.make(top_p=0.0)
     with pytest.raises(AppError, match="number of samples"):
         generation.check_request(generation.Request(num_samples=17))
     # an empty prompt still works for continuation: the model starts from its prefix tokens
-    gen = generation.generate(model, prompts.empty_prompt(),
+    gen = generation.run_request(model, prompts.empty_prompt(),
                               generation.Request.make(max_new_tokens=4))
     assert len(gen.prompt_ids) == 2 and len(gen.samples[0].ids) <= 4
     # a checkpoint trained without a task's tokens says so instead of sampling garbage
@@ -66,7 +66,8 @@ def test_refusals_are_readable(model, tmp_path):
     assert generation.supported_tasks(narrow) == ["top_line_masking-x1", "top_line_masking-x2",
                                                   "top_line_masking-x3"]
     with pytest.raises(AppError, match="vocabulary has no.*PARAMETRIC_HIGH_NOTES"):
-        generation.generate(narrow, prompt, generation.Request.make(task="high_notes_masking-x5"))
+        generation.run_request(narrow, prompt,
+                               generation.Request.make(task="high_notes_masking-x5"))
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_first_notes_and_its_task_tokens(model):
@@ -82,13 +83,13 @@ def test_a_prompt_longer_than_the_context_keeps_its_first_notes_and_its_task_tok
     kept = int(built.fit_note.split("kept the first ")[1].split(" notes")[0])
     assert len(built.shown) + len(built.target) == kept < 200
     assert built.fit_note.startswith("the prompt of 200 notes is ")
-    gen = generation.generate(model, prompt, request)
+    gen = generation.run_request(model, prompt, request)
     assert list(gen.prompt_ids) == list(built.ids) and gen.fit_note == built.fit_note
 
 
 def test_listening_window_starts_shortly_before_the_new_notes(model):
     prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")  # 4 s of prompt
-    gen = generation.generate(model, prompt, generation.Request.make(max_new_tokens=48, seed=3))
+    gen = generation.run_request(model, prompt, generation.Request.make(max_new_tokens=48, seed=3))
     k = next(i for i, s in enumerate(gen.samples) if len(s.notes))
     new = gen.samples[k].notes
     begin = float(new["start"].min())
@@ -105,7 +106,7 @@ def test_listening_window_starts_shortly_before_the_new_notes(model):
 
 def test_a_task_sample_is_scored_against_the_removed_notes(model):
     prompt = prompts.Prompt(arpeggio_notes(16), "arpeggio")
-    gen = generation.generate(model, prompt, generation.Request.make(
+    gen = generation.run_request(model, prompt, generation.Request.make(
         task="high_notes_masking-x5", max_new_tokens=32, temperature=0.0))
     scores = generation.scores(gen, 0)
     assert 0.0 <= scores["confusion metrics/weighted_f1"] <= 1.0 and len(scores) == 18
@@ -114,7 +115,7 @@ def test_a_task_sample_is_scored_against_the_removed_notes(model):
                                     [generation.Sample(gen.samples[0].ids, gen.target, True)],
                                     1.0, 1.0, 0.0)
     assert generation.scores(perfect, 0)["confusion metrics/weighted_f1"] == pytest.approx(1.0)
-    continuation = generation.generate(model, prompt, generation.Request.make(max_new_tokens=4))
+    continuation = generation.run_request(model, prompt, generation.Request.make(max_new_tokens=4))
     assert generation.scores(continuation, 0) is None
 
 

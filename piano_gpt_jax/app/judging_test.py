@@ -63,7 +63,7 @@ def test_a_new_error_clears_the_previous_result(app_env, arpeggio_midi, monkeypa
     def refuse(*args, **kwargs):
         raise AppError("the sampler refused this request")
 
-    monkeypatch.setattr(generation, "generate", refuse)
+    monkeypatch.setattr(generation, "run_request", refuse)
     at.button(key="gen_go").click().run()
     assert [e.value for e in at.error] == ["the sampler refused this request"]
     assert not [m for m in at.markdown if m.value.startswith("**Sample")]

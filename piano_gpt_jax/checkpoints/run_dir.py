@@ -40,10 +40,10 @@ from piano_gpt_jax.checkpoints.record import (
 )
 from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint
 from piano_gpt_jax.config import ConfigError, build_train_config
+from piano_gpt_jax.jitted_steps import init_train_state
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import AdamWSettings, adam_state, make_optimizer, schedule_lr
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.train_step import init_train_state
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"  # written by earlier versions; read only

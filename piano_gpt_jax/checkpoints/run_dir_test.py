@@ -19,10 +19,10 @@ from piano_gpt_jax.checkpoints import (
     save_model_checkpoint,
 )
 from piano_gpt_jax.config import OptimSettings, build_train_config
+from piano_gpt_jax.jitted_steps import init_train_state, make_mesh, replicate
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import adam_state, make_optimizer
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.train_step import init_train_state, make_mesh, replicate
 
 CFG = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=8, context_size=16, bias=True,
                   use_time_embedding=True)

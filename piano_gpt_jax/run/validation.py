@@ -9,10 +9,10 @@ import numpy as np
 
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.evaluate import run_task_evaluation
+from piano_gpt_jax.jitted_steps import compile_steps, make_eval_step
+from piano_gpt_jax.run import start as start_lib
 from piano_gpt_jax.sampling_settings import SamplingSettings
 from piano_gpt_jax.sharding import place
-from piano_gpt_jax.train_step import compile_steps, make_eval_step
-from piano_gpt_jax.training import start as start_lib
 
 
 def evaluate_losses(eval_fn, params, eval_batches: dict[str, list]) -> dict[str, float]:

@@ -28,13 +28,13 @@ from piano_gpt_jax.checkpoints import (
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.jitted_steps import init_train_state, shard_batch
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import AdamWSettings, lr_at, with_adam_state
 from piano_gpt_jax.precision import Precision
+from piano_gpt_jax.run import memory_plan
+from piano_gpt_jax.run.errors import UsageError
 from piano_gpt_jax.sharding import check_batch_divisible, make_mesh, place, tree_shardings
-from piano_gpt_jax.train_step import init_train_state, shard_batch
-from piano_gpt_jax.training import memory_plan
-from piano_gpt_jax.training.errors import UsageError
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int, arch: dict | None = None) -> ModelConfig:

@@ -15,12 +15,12 @@ from piano_gpt_jax.checkpoints.torch_format import optimizer_state_dict
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.data.pipeline import build_tokenizer, make_pipeline
 from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.jitted_steps import init_train_state
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import make_optimizer
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.train_step import init_train_state
-from piano_gpt_jax.training import saving
-from piano_gpt_jax.training import start as start_lib
+from piano_gpt_jax.run import saving
+from piano_gpt_jax.run import start as start_lib
 
 MODEL = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=8, context_size=16, bias=True)
 

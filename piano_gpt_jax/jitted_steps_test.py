@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 
 from piano_gpt_jax.config import OptimSettings
-from piano_gpt_jax.model import ModelConfig, forward, init_params
-from piano_gpt_jax.optim import make_optimizer
-from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.train_step import (
+from piano_gpt_jax.jitted_steps import (
     check_batch_divisible,
     compile_steps,
     init_train_state,
@@ -21,6 +18,9 @@ from piano_gpt_jax.train_step import (
     shard_batch,
     token_loss,
 )
+from piano_gpt_jax.model import ModelConfig, forward, init_params
+from piano_gpt_jax.optim import make_optimizer
+from piano_gpt_jax.precision import Precision
 
 CFG = ModelConfig(vocab_size=48, n_layer=2, n_head=2, n_embd=32, context_size=32)
 OPT = OptimSettings.of(gradient_accumulation_steps=1, max_iters=10, weight_decay=0.1, grad_clip=1.0,

@@ -8,8 +8,8 @@ import pytest
 
 from piano_gpt_jax.config import build_train_config
 from piano_gpt_jax.model import ModelConfig
-from piano_gpt_jax.training.errors import UsageError
-from piano_gpt_jax.training.start import architecture, check_compatible
+from piano_gpt_jax.run.errors import UsageError
+from piano_gpt_jax.run.start import architecture, check_compatible
 
 CFG = build_train_config({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_size": 64},
                           "data": {"context_size": 64}})
@@ -49,7 +49,7 @@ def test_architecture_ignores_what_may_change_between_runs():
 
 def test_a_warmup_longer_than_the_run_is_warned_about():
     from piano_gpt_jax.config import build_train_config
-    from piano_gpt_jax.training.start import schedule_notes
+    from piano_gpt_jax.run.start import schedule_notes
 
     short = build_train_config({"optimizer": {"max_iters": 3}, "lr": {"warmup_iters": 40,
                                                                       "learning_rate": 1e-3}})

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from piano_gpt_jax.config import TrainConfig
-from piano_gpt_jax.training.errors import UsageError
+from piano_gpt_jax.run.errors import UsageError
 
 
 def select_platform(cfg: TrainConfig) -> None:

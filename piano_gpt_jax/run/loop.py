@@ -28,22 +28,22 @@ from piano_gpt_jax.checkpoints import CheckpointRecord, RunMeta, TrainCheckpoint
 from piano_gpt_jax.checkpoints.run_dir import has_steps
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.data.settings import DataSettings
+from piano_gpt_jax.jitted_steps import compile_steps, make_eval_step, make_train_step, shard_batch
 from piano_gpt_jax.model import ModelConfig, count_params
 from piano_gpt_jax.optim import lr_at, make_optimizer
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.run_log import METRICS_FILE, RunLog, flops_per_token, mfu, truncate_metrics
-from piano_gpt_jax.sharding import FSDP_AXIS, bytes_per_device, unsharded_matrices
-from piano_gpt_jax.train_step import compile_steps, make_eval_step, make_train_step, shard_batch
-from piano_gpt_jax.training import saving
-from piano_gpt_jax.training import start as start_lib
-from piano_gpt_jax.training.errors import (
+from piano_gpt_jax.run import saving
+from piano_gpt_jax.run import start as start_lib
+from piano_gpt_jax.run.errors import (
     CheckpointWriteError,
     Interrupted,
     NonFiniteLoss,
     UsageError,
 )
-from piano_gpt_jax.training.evaluation import evaluate_losses
-from piano_gpt_jax.training.processes import stop_agreed
+from piano_gpt_jax.run.processes import stop_agreed
+from piano_gpt_jax.run.validation import evaluate_losses
+from piano_gpt_jax.run_log import METRICS_FILE, RunLog, flops_per_token, mfu, truncate_metrics
+from piano_gpt_jax.sharding import FSDP_AXIS, bytes_per_device, unsharded_matrices
 
 
 def train(cfg: TrainConfig) -> dict:

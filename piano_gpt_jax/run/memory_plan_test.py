@@ -11,12 +11,12 @@ import pytest
 
 from piano_gpt_jax import memory_limits
 from piano_gpt_jax.config import build_train_config
+from piano_gpt_jax.jitted_steps import init_train_state, make_train_step
 from piano_gpt_jax.model import ModelConfig, init_params
 from piano_gpt_jax.optim import make_optimizer
 from piano_gpt_jax.precision import Precision
-from piano_gpt_jax.train_step import init_train_state, make_train_step
-from piano_gpt_jax.training import memory_plan
-from piano_gpt_jax.training.errors import UsageError
+from piano_gpt_jax.run import memory_plan
+from piano_gpt_jax.run.errors import UsageError
 
 MODEL = ModelConfig(vocab_size=2265, n_layer=2, n_head=4, n_embd=64, context_size=128)
 GIB = 2**30
@@ -75,7 +75,7 @@ def test_a_step_that_cannot_fit_is_refused_with_the_largest_setting_that_fits():
 ])
 def test_the_trainer_refuses_before_building_anything(tmp_path, override):
     from piano_gpt_jax.config import set_dotted
-    from piano_gpt_jax.training.loop import train
+    from piano_gpt_jax.run.loop import train
 
     cfg = set_dotted({"out_dir": str(tmp_path / "run"),
                       "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_size": 64},

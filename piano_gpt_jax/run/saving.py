@@ -29,9 +29,9 @@ from piano_gpt_jax.checkpoints.torch_format import save_torch_checkpoint
 from piano_gpt_jax.config import TrainConfig
 from piano_gpt_jax.model import ModelConfig
 from piano_gpt_jax.optim import AdamWSettings, adam_state, schedule_lr
+from piano_gpt_jax.run.errors import CheckpointWriteError, UsageError
 from piano_gpt_jax.run_log import RunLog
 from piano_gpt_jax.sharding import to_host
-from piano_gpt_jax.training.errors import CheckpointWriteError, UsageError
 
 
 def checkpoint_io(write: Callable[[], object], step: int, ckpt: TrainCheckpointer,
