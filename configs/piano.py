@@ -3,12 +3,10 @@ r"""Training recipes for `python -m piano_gpt_jax.train`.
 Run (from the repository root):
 
   # CPU recipe: PIANO tasks on the built-in offline dataset (4 layers x 128, context 256,
-  # batch 16, 600 steps). Measured on a 2-core AVX-512 EPYC VM: 3 min 11 s (~0.29-0.33 s/step,
-  # ~13-14k tokens/s; 4 min 58 s before the kept host memory and CPU matmul/attention forms of
-  # host_memory.py and kernels.py, 7 min 02 s before kernels.py), plus a one-time ~30 s build of
-  # the built-in dataset on a fresh machine; full_val loss 7.74 (untrained) -> 2.59 (step 200)
-  # -> 2.31 (step 400) -> 2.18 (step 600) on builtin-v2 (2.51 -> 2.24 -> 2.12 on builtin-v1,
-  # whose validation pieces depended on the install folder).
+  # batch 16, 600 steps). About 3-5 min on 2 CPU cores (per machine and date:
+  # benchmarks/README.md), plus a one-time ~30 s build of the built-in dataset on a fresh
+  # machine; full_val loss 7.74 (untrained) -> 2.59 (step 200) -> 2.31 (step 400) -> 2.18
+  # (step 600).
   python -m piano_gpt_jax.train --config configs/piano.py:tiny
 
   # The full GPU recipe: gpt2 (12 x 768: 86.7M parameters at the piano vocabulary), context

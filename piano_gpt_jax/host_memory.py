@@ -5,13 +5,12 @@ preset's train step) from one of its worker threads, and frees it when the step 
 a block that large from a worker thread's arena with mmap and gives it back with munmap, so every
 step the kernel maps, faults in and zeroes ~97,000 fresh pages: page faults and page clearing were
 ~25% of the process's CPU samples (perf, cpu-clock). With one arena, no mmap for large blocks and
-no trimming of the heap's top, the block is reused from step to step. Measured on a 2-core
-AVX-512 EPYC VM (16 x 256 tokens, 4x128 model, float32): our train step 388 -> 296 ms; the
-PyTorch twin's eager step 340 -> 297 ms in the same setting (its 37 MB logits were mmap'd the same
-way). The costs: the process keeps its peak host memory until it exits, and XLA's
-multi-threaded compilation shares one arena: a tiny train step compiled in 2.8-3.6 s instead of
-2.3-2.7 s. A training run compiles once; the test suite compiles hundreds of programs, so it
-keeps glibc's defaults (conftest.py).
+no trimming of the heap's top, the block is reused from step to step: our train step and the
+PyTorch twin's eager step (whose logits were mmap'd the same way) both became about a quarter
+faster (benchmarks/README.md, "CPU train step, per change"). The costs: the process keeps its
+peak host memory until it exits, and XLA's multi-threaded compilation shares one arena, so
+compiling is slower. A training run compiles once; the test suite compiles hundreds of
+programs, so it keeps glibc's defaults (conftest.py).
 
 It must run before XLA starts its threads (a thread keeps the arena it first allocated from), so
 the package applies it on import (`piano_gpt_jax/__init__.py`). `PIANO_GPT_JAX_MALLOC=default`

@@ -50,8 +50,8 @@ def token_loss(model_cfg: ModelConfig, params, batch: Mapping[str, jax.Array],
         {"params": params}, batch["tokens"], batch.get("time_steps"),
         deterministic=deterministic, rngs=rngs)
     # logsumexp minus the target logit rather than gathering from a full log_softmax: the same
-    # value, but XLA CPU no longer materialises log-probabilities and their backward; the tied head
-    # plus this loss went 94 -> 47 ms (fwd+bwd, 16x256 tokens, vocab 2265).
+    # value, but XLA CPU no longer materialises log-probabilities and their backward, which
+    # halved the tied head plus loss (benchmarks/README.md, "CPU train step, per change").
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     target_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
     nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT

@@ -71,10 +71,10 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **_):
     input is multiplied as one (B*T, C) matrix by matmul_nn, so the kernel's gradient is a single
     plain matmul over B*T rows: XLA CPU otherwise lays the 3-d contraction's gradient out through
     a transpose of the whole (B, T, F) upstream gradient fused with its elementwise producers
-    (the GELU backward). Measured round-robin on a 2-core AVX-512 EPYC, whole train step,
-    4x128, 16 x 256 tokens: 3-d contraction 594 ms, per-sequence gradient blocks (a custom VJP,
-    our earlier fix) 483 ms, one 2-d matmul 426 ms; later, with the host allocator fixed, the
-    kernel gradient as copy(x^T) @ g rather than XLA's transposed-operand dot: 345 -> 327 ms.
+    (the GELU backward); the kernel gradient is then copy(x^T) @ g rather than XLA's
+    transposed-operand dot. Each step of this was faster than the one before, measured on the
+    whole train step (benchmarks/README.md, "CPU train step, per change": the 3-d contraction,
+    per-sequence gradient blocks through a custom VJP, one 2-d matmul, the copied transpose).
     Accelerators keep XLA's own contraction."""
     plain = (lhs.ndim != 3 or dimension_numbers != (((2,), (0,)), ((), ()))
              or precision is not None)
@@ -91,9 +91,9 @@ def attention_kind(attention: str, dtype: str, use_dropout: bool) -> str:
     Dropout on the attention probabilities and float16 need the einsum path (XLA:CPU rejects
     dot_product_attention's f16 x f16 -> f32 dot under jit, and a float32 softmax is the safer
     choice for float16 anyway). "auto" on CPU takes the blocked path: XLA CPU's
-    dot_product_attention was ~1.25x slower than the einsums, and the blocks halve the einsums'
-    time (see blocked_causal_attention). On GPU, "auto" lets XLA pick (cuDNN's fused kernel
-    where it applies).
+    dot_product_attention was slower than the einsums, and the blocks halve the einsums' time
+    (benchmarks/README.md). On GPU, "auto" lets XLA pick (cuDNN's fused kernel where it
+    applies).
     """
     if use_dropout or dtype == "float16" or attention == "einsum":
         return "einsum"
@@ -127,18 +127,16 @@ def blocked_causal_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, block: int = CPU_A
     blocks that stay in cache. Heads move in front once, so every contraction is a plain batched
     matmul.
 
-    Two choices of form, each measured on a 2-core AVX-512 EPYC, 16 x 256 tokens, 4 heads of 32,
-    one layer's attention core forward+backward, round-robin in one process:
-    - blocks of 64 against one (B, H, T, T) einsum: 29 vs 56 ms; with the next item in, blocks
-      of 64 take 17 ms, of 32 26 ms, of 128 24 ms;
+    The choices of form, each faster than what it replaced (figures, machine and shape:
+    benchmarks/README.md, "CPU train step, per change"):
+    - blocks of 64 query rows rather than one (B, H, T, T) einsum (32 and 128 were slower);
     - the mask added as a 0 / float32-lowest bias, and the softmax's division moved after the
       probability-value product (exp(s - max) @ v, divided by the row sums: (T, D) divisions
-      instead of (T, S)): 34 -> 17 ms. XLA CPU then fuses the score matmul with its bias and
-      row max, and the backward has no (T, S) division. The row max carries no gradient (the
-      softmax does not depend on it), so it is held constant for autodiff;
+      instead of (T, S)). XLA CPU then fuses the score matmul with its bias and row max, and the
+      backward has no (T, S) division. The row max carries no gradient (the softmax does not
+      depend on it), so it is held constant for autodiff;
     - the products through matmul_nt / matmul_nn, whose key and value gradients are plain matmuls
-      (autodiff's run on Eigen): whole train step 345 -> 326 ms, 318 ms with dense_dot_general's
-      kernel gradient done the same way.
+      (autodiff's run on Eigen), as dense_dot_general does for the kernel gradient.
     """
     q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = (x.transpose(0, 2, 1, 3)
                                        for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))

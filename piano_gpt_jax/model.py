@@ -77,10 +77,9 @@ class ModelConfig:
 
 def gelu(x):
     """torch nn.GELU(): x * Phi(x), written with erf as torch computes it. jax.nn.gelu's exact
-    form goes through erfc, which XLA CPU splits into three fusions with a backward of two more:
-    this form made one MLP sublayer's forward+backward 17% faster (44.7 -> 37.1 ms, 16 x 256
-    tokens, width 512, round-robin on a 2-core AVX-512 EPYC), with the same values as torch's
-    to 1.2e-6 on [-8, 8]."""
+    form goes through erfc, which XLA CPU splits into three fusions with a backward of two more,
+    so this form is faster there (an MLP sublayer: benchmarks/README.md, "CPU train step, per
+    change"), with the same values as torch's to 1.2e-6 on [-8, 8]."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
@@ -220,8 +219,8 @@ class GPT(nn.Module):
                                                        start)
             new_cache.append(c)
         x_BxTxC = _layer_norm(cfg.bias, "ln_f")(x_BxTxC)
-        # The tied head as x @ wte.T through the Dense contraction (one 2-d matmul on CPU: the
-        # head and loss forward+backward 93 -> 87 ms against a 3-d einsum, 16 x 256 tokens).
+        # The tied head as x @ wte.T through the Dense contraction: one 2-d matmul on CPU, faster
+        # than a 3-d einsum (benchmarks/README.md, "CPU train step, per change").
         logits_BxTxV = kernels.dense_dot_general(
             x_BxTxC.astype(cfg.compute_dtype), wte.astype(cfg.compute_dtype).T,
             (((2,), (0,)), ((), ())))

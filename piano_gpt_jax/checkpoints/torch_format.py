@@ -42,6 +42,7 @@ from piano_gpt_jax.checkpoints.record import (
 )
 from piano_gpt_jax.checkpoints.run_config import export_run_config, split_run_config
 from piano_gpt_jax.model import ModelConfig
+from piano_gpt_jax.music.tokenizer import desc_vocabulary
 
 META_KEY = "piano_gpt_jax_meta"
 # What torch.optim.AdamW (fused, as piano-gpt builds it) stores per parameter group.
@@ -319,10 +320,7 @@ def _read_meta(ckpt: Mapping, path: Path) -> RunMeta:
 def _check_vocab(path: Path, tokenizer_desc: Any, vocab_size: int) -> None:
     if not isinstance(tokenizer_desc, dict):
         return
-    params = tokenizer_desc.get("parameters") or {}
-    vocab = params.get("vocab")
-    if vocab is None and isinstance(params.get("lexicon"), dict):
-        vocab = params["lexicon"].get("vocab")
+    vocab = desc_vocabulary(tokenizer_desc)
     if isinstance(vocab, list) and len(vocab) != vocab_size:
         raise CheckpointError(f"{path}: tokenizer_desc has {len(vocab)} tokens but the token "
                               f"table has {vocab_size} rows; the tokenizer and weights disagree.")

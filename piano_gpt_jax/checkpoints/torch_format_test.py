@@ -215,3 +215,50 @@ def test_every_run_meta_field_travels_through_pt_and_orbax(tmp_path):
                 assert got == str(tmp_path / "m.pt")  # where it was read from
             else:
                 assert got == value, (where, name, got)
+
+
+def test_a_field_added_to_the_record_comes_back_from_pt_orbax_and_a_model_folder(
+        tmp_path, monkeypatch):
+    """The promise of record.py ("a field added here travels everywhere"), tried as a newcomer
+    would: RunMeta gains a field (a subclass stands in for the edit, put wherever the name is
+    imported), and the writers and readers, unchanged, carry it."""
+    import dataclasses
+    import sys
+
+    import jax
+
+    from piano_gpt_jax.checkpoints import (
+        CheckpointRecord,
+        RunMeta,
+        load_model_checkpoint,
+        save_model_checkpoint,
+    )
+    from piano_gpt_jax.checkpoints.model_folder import load_model_folder, save_model_folder
+    from piano_gpt_jax.checkpoints.torch_format import load_torch_checkpoint, save_torch_checkpoint
+    from piano_gpt_jax.model import ModelConfig, init_params
+    from piano_gpt_jax.music.tokenizer import ExponentialTimeTokenizer
+
+    @dataclasses.dataclass
+    class WithNewField(RunMeta):
+        listening_notes: dict = dataclasses.field(default_factory=dict)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("piano_gpt_jax") and \
+                getattr(module, "RunMeta", None) is RunMeta:
+            monkeypatch.setattr(module, "RunMeta", WithNewField)
+    tokenizer = ExponentialTimeTokenizer.build({"time_unit": 0.01, "max_time_step": 1.0,
+                                                "n_velocity_bins": 32, "n_special_ids": 64})
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8,
+                      context_size=16)
+    record = CheckpointRecord(cfg, jax.device_get(init_params(cfg, jax.random.PRNGKey(0))),
+                              tokenizer.to_dict(),
+                              WithNewField(step=3, listening_notes={"sample 0": "good"}))
+    read_back = {
+        ".pt": load_torch_checkpoint(save_torch_checkpoint(tmp_path / "m.pt", record)).meta,
+        "orbax": load_model_checkpoint(save_model_checkpoint(tmp_path / "run", record)).meta,
+        "model folder": load_model_folder(
+            save_model_folder(record, tmp_path / "folder", card="a card")).meta,
+    }
+    for where, meta in read_back.items():
+        assert isinstance(meta, WithNewField), where
+        assert meta.listening_notes == {"sample 0": "good"} and meta.step == 3, where

@@ -54,8 +54,9 @@ def desc_vocabulary(desc: Mapping[str, Any] | None) -> list[str] | None:
     params = (desc or {}).get("parameters")
     if not isinstance(params, Mapping):
         return None
-    if "lexicon" in params:
-        return params["lexicon"]["vocab"]
+    lexicon = params.get("lexicon")
+    if isinstance(lexicon, Mapping):
+        return lexicon.get("vocab")
     return params.get("vocab")
 
 
