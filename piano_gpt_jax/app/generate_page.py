@@ -261,19 +261,19 @@ def request_controls(model: models.LoadedModel, prompt: prompts.Prompt | None) -
                                  index=dataset_tokens.index(d_default))
     composer_token = c3.selectbox("Composer token", composer_tokens,
                                   index=composer_tokens.index(c_default))
+    # Every sampling setting has a control: what decides each draw on one row, the rest (seed,
+    # budget) beside the number of samples.
     draws = {}
     drawn = [f for f in user_settings() if f.metadata["drawn_as"]]
+    others = [f for f in user_settings() if not f.metadata["drawn_as"]]
     for column, f in zip(st.columns(len(drawn)), drawn, strict=True):
         draws[f.name] = _setting_control(column, f)
-    c1, c2, c3 = st.columns(3)
-    draws["seed"] = _setting_control(c1, _SETTINGS["seed"])
-    num_samples = c2.number_input("Samples", 1, 16, 1, key="gen_num_samples")
-    draws["max_new_tokens"] = _setting_control(c3, _SETTINGS["max_new_tokens"])
+    *columns, last = st.columns(len(others) + 1)
+    for column, f in zip(columns, others, strict=True):
+        draws[f.name] = _setting_control(column, f)
+    num_samples = last.number_input("Samples", 1, 16, 1, key="gen_num_samples")
     return Request.make(task=task, dataset_token=dataset_token, composer_token=composer_token,
                         num_samples=int(num_samples), **draws)
-
-
-_SETTINGS = {f.name: f for f in user_settings()}
 
 
 def _setting_control(column, f):
