@@ -83,7 +83,7 @@ def run_task_evaluation(model_config: ModelConfig, params, tokenizer, pipeline,
                 max_new_tokens=generation_budget([len(e["target_ids"]) for e in batch],
                                                  model_config.context_size))
             out = sampling.sample(model_config, params, [e["prompt_ids"] for e in batch],
-                                    batch_settings, tables)
+                                  batch_settings, tables)
             for ex, new in zip(batch, out.new_tokens, strict=True):
                 # decode drops non-music tokens, so a final <EOGENAI> needs no stripping.
                 target = tokenizer.decode(ex["target_ids"])
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n_examples < 1:
         raise SystemExit("error: --n-examples must be at least 1")
     try:  # the sampler's own checks (finite, temperature >= 0, ...), before any work
-        draws = sampling_settings.from_arguments(args)
+        sampler_settings = sampling_settings.from_arguments(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     results = run_task_evaluation(record.model_config, record.params, tokenizer, pipeline, splits,
-                                  args.n_examples, draws)
+                                  args.n_examples, sampler_settings)
     seconds = time.perf_counter() - t0
     print(f"PIANO-task metrics of {path} (step {record.step}), {args.n_examples} prompts per "
           "split, "

@@ -103,7 +103,7 @@ def test_batch_with_time_embedding_and_half_window(tokenizer, prompts):
     stop_tables = dataclasses.replace(tables, stop_id=stop)
     first_hit = int(np.flatnonzero(out.new_tokens[0] == stop)[0])
     stopped = sampling.sample(cfg, params, prompts,
-                                dataclasses.replace(settings, stop_at_eos=True), stop_tables)
+                              dataclasses.replace(settings, stop_at_eos=True), stop_tables)
     np.testing.assert_array_equal(stopped.new_tokens[0], out.new_tokens[0][:first_hit + 1])
     assert stopped.stopped[0]
     hits = np.flatnonzero(out.new_tokens[1] == stop)
@@ -125,8 +125,8 @@ def test_budget_and_no_recompile_for_new_settings(tokenizer, prompts):
     a = sampling.sample(cfg, params, [prompts[1]], plain)
     assert len(a.new_tokens[0]) == 9 and not a.stopped[0]  # exactly the budget, no stop token
     b = sampling.sample(cfg, params, [prompts[1]],
-                          sampling.SamplingSettings(temperature=0.7, top_k=5, top_p=0.9,
-                                                    min_p=0.05, max_new_tokens=7, seed=4))
+                        sampling.SamplingSettings(temperature=0.7, top_k=5, top_p=0.9,
+                                                  min_p=0.05, max_new_tokens=7, seed=4))
     assert b.compile_seconds == 0.0  # same shapes: sampling values are runtime arguments
     assert len(b.new_tokens[0]) == 7
     c = sampling.sample(cfg, params, [prompts[1]], plain)
@@ -212,7 +212,7 @@ def test_progress_reports_do_not_change_the_tokens(tokenizer, prompts, monkeypat
     whole = sampling.sample(cfg, params, prompts, settings, tables)
     seen: list[int] = []
     chunked = sampling.sample(cfg, params, prompts, settings, tables,
-                                progress=lambda done, total: seen.append(done))
+                              progress=lambda done, total: seen.append(done))
     for a, b in zip(whole.new_tokens, chunked.new_tokens, strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(seen) >= 5 and seen == sorted(seen) and seen[-1] <= 50  # max over the rows

@@ -127,7 +127,7 @@ def task_view(notes: pd.DataFrame, source: dict, task_name: str, first: int, n_n
     try:
         task = resolve_task(task_name)
         ids, src, tgt = prompt_for_task(tokenizer, task, window, layouts.dataset_token(source),
-                                    layouts.composer_token(source), layout)
+                                        layouts.composer_token(source), layout)
     except GenerateError as e:
         raise AppError(str(e)) from None
     end = 1 if layout == layouts.ANNOTATED and layouts.EOGENAI in tokenizer.token_to_id else 0

@@ -146,10 +146,10 @@ def build_prompt(model: LoadedModel, prompt: Prompt, request: Request) -> BuiltP
                                "sees and what it must write: choose a prompt with notes, or "
                                "'continuation'")
             build = lambda n: prompt_for_task(tok, task, n, request.dataset_token,
-                                          request.composer_token, model.layout)
+                                              request.composer_token, model.layout)
         else:
             build = lambda n: (prompt_for_continuation(tok, n, request.dataset_token,
-                                                   request.composer_token), n, None)
+                                                       request.composer_token), n, None)
         (ids, shown, target), fit_note = fit_prompt(build, prompt.notes, context,
                                                     explicit=False)
     except GenerateError as e:
@@ -179,8 +179,8 @@ def run_request(model: LoadedModel, prompt: Prompt, request: Request,
     check_request(request)
     built = build_prompt(model, prompt, request)
     result = sampling.sample(model.model_config, model.params,
-                               [built.ids] * request.num_samples, request.sampling, model.tables,
-                               progress=progress)
+                             [built.ids] * request.num_samples, request.sampling, model.tables,
+                             progress=progress)
     samples = []
     for k, new in enumerate(result.new_tokens):
         notes = frame(model.tokenizer.decode(new))

@@ -52,14 +52,14 @@ def test_refusals_are_readable(model, tmp_path):
         generation.run_request(model, prompt, generation.Request.make(task="no_such_task-x1"))
     with pytest.raises(AppError, match="choose a prompt with notes"):
         generation.run_request(model, prompts.empty_prompt(),
-                            generation.Request.make(task="top_line_masking-x1"))
+                               generation.Request.make(task="top_line_masking-x1"))
     with pytest.raises(AppError, match="top_p"):
         generation.Request.make(top_p=0.0)
     with pytest.raises(AppError, match="number of samples"):
         generation.check_request(generation.Request(num_samples=17))
     # an empty prompt still works for continuation: the model starts from its prefix tokens
     gen = generation.run_request(model, prompts.empty_prompt(),
-                              generation.Request.make(max_new_tokens=4))
+                                 generation.Request.make(max_new_tokens=4))
     assert len(gen.prompt_ids) == 2 and len(gen.samples[0].ids) <= 4
     # a checkpoint trained without a task's tokens says so instead of sampling garbage
     narrow = models.load_model(make_tiny_run(tmp_path / "top-line", tasks="top_line", steps=0))
