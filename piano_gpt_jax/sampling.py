@@ -263,6 +263,13 @@ def check_buffer_memory(batch: int, length: int, max_new_tokens: int) -> None:
             f"most {fits:,} new tokens per sample (or fewer samples).")
 
 
+def _draw_arrays(settings: SamplingSettings) -> dict[str, jax.Array]:
+    """The draw values as the compiled decode reads them (runtime values: no recompile)."""
+    dtypes = draw_dtypes()
+    return {name: jnp.asarray(value, dtypes[name])
+            for name, value in settings.draw_values().items()}
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -321,8 +328,7 @@ def sample(cfg: ModelConfig, params, prompts: Sequence[np.ndarray],
     pause_at = lambda n: jnp.int32(L if progress is None else min(L, n + PROGRESS_TOKENS))
     consts = dict(pause_at=pause_at(prefill), prompt_len=jnp.asarray(lens),
                   key=jax.random.PRNGKey(settings.seed),
-                  draw={name: jnp.asarray(value, draw_dtypes()[name])
-                        for name, value in settings.draw_values().items()},
+                  draw=_draw_arrays(settings),
                   max_new=jnp.int32(settings.max_new_tokens), stop_id=jnp.int32(stop_id),
                   time_increment=jnp.asarray(tables.time_increment),
                   is_music=jnp.asarray(tables.is_music), is_restart=jnp.asarray(tables.is_restart))
